@@ -1,0 +1,274 @@
+//! Command-line interface of the `xpu-broker` binary. Every flag can also come from the
+//! environment.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::{
+    app::{App, Config},
+    ca::{self, DevCa, IssueOptions},
+    ctl,
+    identity::Identity,
+    store::postgres,
+    tls::TlsPaths,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "xpu-broker", version, about = "The xpu-broker control plane: store, sync and status of DPU networking")]
+pub struct Args {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `xpu_broker=debug`.
+    #[arg(long, env = "XPU_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(Box<ServeArgs>),
+    /// Apply the database migrations and exit.
+    Migrate {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+    },
+    /// Development certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Operator CLI (kubectl-like) over gRPC with an admin certificate.
+    Ctl(ctl::CtlArgs),
+}
+
+/// Parses `250ms`, `30s`, `5m`, `1h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 30s, 5m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("{s:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    #[arg(long, env = "XPU_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    grpc_addr: SocketAddr,
+    /// Health, readiness and metrics (plain HTTP).
+    #[arg(long, env = "XPU_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    /// postgres://user@host:port/db
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+    #[arg(long, env = "XPU_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    db_max_connections: u32,
+    /// Server certificate (PEM), reloaded when it changes.
+    #[arg(long, env = "XPU_TLS_CERT")]
+    tls_cert: PathBuf,
+    #[arg(long, env = "XPU_TLS_KEY")]
+    tls_key: PathBuf,
+    /// CA that issues client certificates (PEM).
+    #[arg(long, env = "XPU_CLIENT_CA")]
+    client_ca: PathBuf,
+    #[arg(long, env = "XPU_LEASE_DURATION", default_value = "30s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    #[arg(long, env = "XPU_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
+    #[arg(long, env = "XPU_BOOKMARK_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    bookmark_interval: Duration,
+    #[arg(long, env = "XPU_ATTACH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    attach_timeout: Duration,
+    #[arg(long, env = "XPU_MAX_ATTACH_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
+    max_attach_timeout: Duration,
+    /// Revisions the log keeps; older entries and tombstones are compacted.
+    #[arg(long, env = "XPU_LOG_RETENTION", default_value_t = 1_000_000)]
+    log_retention: i64,
+    #[arg(long, env = "XPU_COMPACTION_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    compaction_interval: Duration,
+    /// Most write requests committed in one transaction.
+    #[arg(long, env = "XPU_MAX_BATCH", default_value_t = 1024)]
+    max_batch: usize,
+    /// Changes queued per watch stream before a slow stream is cut off.
+    #[arg(long, env = "XPU_STREAM_BUFFER", default_value_t = 4096)]
+    stream_buffer: usize,
+    /// Largest spec or status accepted (bytes of JSON).
+    #[arg(long, env = "XPU_MAX_OBJECT_BYTES", default_value_t = 64 * 1024)]
+    max_object_bytes: usize,
+    /// Largest gRPC message accepted.
+    #[arg(long, env = "XPU_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    max_message_bytes: usize,
+    /// Name of this replica (defaults to a random id).
+    #[arg(long, env = "XPU_REPLICA")]
+    replica: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create a development CA (`DIR/ca.crt`, `DIR/ca.key`).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a certificate: a client identity, or with --server the broker's own.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// dpu/<serial>, host/<node>, cluster/<name>/tenant, cluster/<name>/infra, admin/<name>
+        #[arg(long, required_unless_present = "server")]
+        identity: Option<String>,
+        #[arg(long)]
+        server: bool,
+        /// DNS names and IPs of the server certificate.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+}
+
+impl Args {
+    pub fn log_filter(&self) -> &str {
+        &self.log
+    }
+
+    pub fn is_ctl(&self) -> bool {
+        matches!(self.command, Command::Ctl(_))
+    }
+
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        let Self { log: _, command } = self;
+        match command {
+            Command::Serve(args) => serve(*args).await.map(|()| ExitCode::SUCCESS),
+            Command::Migrate { database_url } => {
+                let pool = postgres::connect(&database_url, 2).await.context("connecting to the database")?;
+                postgres::migrate(&pool).await.context("migrating")?;
+                println!("migrations applied");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Ca(cmd) => ca_command(cmd).map(|()| ExitCode::SUCCESS),
+            Command::Ctl(args) => Ok(ctl::run(args).await),
+        }
+    }
+}
+
+fn ca_command(cmd: CaCommand) -> anyhow::Result<()> {
+    match cmd {
+        CaCommand::Init { dir, force } => {
+            DevCa::init(&dir, force)?;
+            println!("wrote {0}/ca.crt and {0}/ca.key", dir.display());
+        }
+        CaCommand::Issue { dir, identity, server, sans, out, days } => {
+            let ca = DevCa::load(&dir)?;
+            let opts = IssueOptions::valid_for_days(days);
+            let pem = if server {
+                ca.issue_server(&sans, &opts)?
+            } else {
+                let id = identity.ok_or_else(|| anyhow::anyhow!("--identity is required"))?;
+                let id = Identity::parse(&id).map_err(|e| anyhow::anyhow!("{e}"))?;
+                ca.issue_client(&id, &opts)?
+            };
+            ca::write_issued(&out, &pem, &ca)?;
+            println!("wrote {0}/tls.crt, {0}/tls.key and {0}/ca.crt", out.display());
+        }
+    }
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let ServeArgs {
+        grpc_addr,
+        http_addr,
+        database_url,
+        db_max_connections,
+        tls_cert,
+        tls_key,
+        client_ca,
+        lease_duration,
+        heartbeat_interval,
+        bookmark_interval,
+        attach_timeout,
+        max_attach_timeout,
+        log_retention,
+        compaction_interval,
+        max_batch,
+        stream_buffer,
+        max_object_bytes,
+        max_message_bytes,
+        replica,
+    } = args;
+    anyhow::ensure!(heartbeat_interval < lease_duration, "--heartbeat-interval must be shorter than --lease-duration");
+    anyhow::ensure!(max_batch > 0 && stream_buffer > 0, "--max-batch and --stream-buffer must be positive");
+    anyhow::ensure!(log_retention >= 0, "--log-retention must not be negative");
+    let mut config = Config::new(database_url, TlsPaths { cert: tls_cert, key: tls_key, client_ca });
+    config.grpc_addr = grpc_addr;
+    config.http_addr = http_addr;
+    config.max_db_connections = db_max_connections;
+    config.service.lease_duration = lease_duration;
+    config.service.heartbeat_interval = heartbeat_interval;
+    config.service.attach_timeout = attach_timeout;
+    config.service.max_attach_timeout = max_attach_timeout;
+    config.service.log_retention = log_retention;
+    config.service.limits.max_object_bytes = max_object_bytes;
+    config.bookmark_interval = bookmark_interval;
+    config.compaction_interval = compaction_interval;
+    config.store.max_batch = max_batch;
+    config.stream_buffer = stream_buffer;
+    config.max_message_bytes = max_message_bytes;
+    if let Some(r) = replica {
+        config.store.replica = r;
+    }
+    let app = App::build(config).await?;
+    app.run_until_stopped(shutdown_signal()).await
+}
+
+/// SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("0s").is_err());
+    }
+}

@@ -1,0 +1,1126 @@
+//! One group commit: many write requests applied in order to an in-memory working set loaded
+//! from the database inside the transaction, then flushed with a handful of bulk statements.
+//!
+//! This module holds the store's semantics (generations, stale-status refusal, tombstones,
+//! references, IPAM, leases) and speaks no SQL: the backend behind [`WriteTx`] does. Requests in
+//! one batch see each other's effects exactly as if they had been committed one by one, and a
+//! request that fails leaves the working set as it found it.
+
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    net::IpAddr,
+};
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use uuid::Uuid;
+use xpu_proto::broker::v1 as pb;
+
+use super::rows::*;
+use crate::{
+    error::{Error, Result},
+    model::{
+        BROKER_AUTHOR, Key, Kind, Labels, NetdevId, Route, dpu_author,
+        event::{ChangeKind, Event},
+        ipam::Pool,
+        object::Spec,
+        validate,
+    },
+};
+
+/// Reads and writes of one transaction. Every method runs inside it; nothing is visible to
+/// others until `commit`.
+pub(crate) trait WriteTx: Send {
+    /// Locks the revision counter (serializing all writers, across replicas) and returns it.
+    fn lock_head(&mut self) -> impl Future<Output = Result<i64>> + Send;
+    fn load_objects(&mut self, keys: Vec<Key>) -> impl Future<Output = Result<Vec<ObjectRow>>> + Send;
+    fn load_statuses(
+        &mut self,
+        pairs: Vec<(Key, String)>,
+    ) -> impl Future<Output = Result<Vec<StatusRow>>> + Send;
+    /// Namespace of the live Netdev carrying each name, if any.
+    fn live_netdev_namespaces(
+        &mut self,
+        names: Vec<String>,
+    ) -> impl Future<Output = Result<Vec<(String, String)>>> + Send;
+    fn load_dpus(&mut self, serials: Vec<String>) -> impl Future<Output = Result<Vec<DpuRow>>> + Send;
+    fn lapsed_dpus(&mut self, now: DateTime<Utc>) -> impl Future<Output = Result<Vec<String>>> + Send;
+    fn live_netdevs_on_dpu(&mut self, serial: String) -> impl Future<Output = Result<Vec<Key>>> + Send;
+    fn count_allocations(&mut self, network: String) -> impl Future<Output = Result<i64>> + Send;
+    fn allocation_of(
+        &mut self,
+        namespace: String,
+        name: String,
+    ) -> impl Future<Output = Result<Option<(String, String)>>> + Send;
+    fn pool_offset(&mut self, network: String) -> impl Future<Output = Result<Option<u128>>> + Send;
+    /// Which of `addresses` are allocated in `network`, and to whom.
+    fn taken(
+        &mut self,
+        network: String,
+        addresses: Vec<String>,
+    ) -> impl Future<Output = Result<HashMap<String, (String, String)>>> + Send;
+    fn max_status_seq(&mut self, author: String) -> impl Future<Output = Result<i64>> + Send;
+    fn flush(&mut self, flush: Flush) -> impl Future<Output = Result<Compacted>> + Send;
+    fn commit(self) -> impl Future<Output = Result<()>> + Send;
+}
+
+#[derive(Debug)]
+pub(crate) enum Request {
+    Apply(ApplyRequest),
+    Delete(DeleteRequest),
+    Status { serial: String, writes: Vec<StatusWrite> },
+    Register(RegisterRequest),
+    Heartbeat { serial: String, applied_revision: i64 },
+    SweepLeases,
+    Compact { to: i64 },
+    Decommission { serial: String },
+}
+
+#[derive(Debug)]
+pub(crate) enum Reply {
+    Apply(ApplyOutcome),
+    Delete(DeleteOutcome),
+    Status(Vec<StatusOutcome>),
+    Register(RegisterOutcome),
+    Heartbeat,
+    Swept(usize),
+    Compacted(Compacted),
+    Decommissioned { revision: i64, netdevs: u32 },
+}
+
+pub(crate) struct BatchContext {
+    pub now: DateTime<Utc>,
+    pub lease_duration_ms: i64,
+}
+
+pub(crate) struct BatchResult {
+    pub replies: Vec<Result<Reply>>,
+    pub events: Vec<Event>,
+    pub head: i64,
+}
+
+/// Address candidates checked against the database per round trip.
+const IPAM_WINDOW: usize = 32;
+
+struct PoolState {
+    offset: u128,
+    offset_dirty: bool,
+    reserved: HashSet<IpAddr>,
+}
+
+/// What the batch has loaded and changed so far.
+struct Working<'c> {
+    ctx: &'c BatchContext,
+    head: i64,
+    objects: HashMap<Key, Option<ObjectRow>>,
+    routes: HashMap<Key, Route>,
+    dirty: Vec<Key>,
+    purged: HashSet<Key>,
+    statuses: HashMap<(Key, String), Option<StatusRow>>,
+    status_dirty: Vec<(Key, String)>,
+    netdev_namespaces: HashMap<String, Option<String>>,
+    dpus: HashMap<String, Option<DpuRow>>,
+    dpus_dirty: Vec<String>,
+    dpus_deleted: Vec<String>,
+    pools: HashMap<String, PoolState>,
+    /// Final allocation of every Netdev whose allocation this batch touched.
+    allocations: HashMap<(String, String), Option<(String, IpAddr)>>,
+    loaded_allocations: HashMap<(String, String), Option<(String, IpAddr)>>,
+    events: Vec<Event>,
+    compact_to: Option<i64>,
+}
+
+/// A snapshot of the parts of the working set a failing request may have touched.
+struct Savepoint {
+    head: i64,
+    dirty: usize,
+    status_dirty: usize,
+    dpus_dirty: usize,
+    dpus_deleted: usize,
+    events: usize,
+    objects: Vec<(Key, Option<ObjectRow>)>,
+    statuses: Vec<((Key, String), Option<StatusRow>)>,
+    dpus: Vec<(String, Option<DpuRow>)>,
+    purged: HashSet<Key>,
+    netdev_namespaces: HashMap<String, Option<String>>,
+    allocations: HashMap<(String, String), Option<(String, IpAddr)>>,
+    pools: Vec<(String, u128, bool, HashSet<IpAddr>)>,
+    compact_to: Option<i64>,
+}
+
+pub(crate) async fn run<T: WriteTx>(mut tx: T, requests: &[&Request], ctx: &BatchContext) -> Result<BatchResult> {
+    let head = tx.lock_head().await?;
+    let mut ws = Working {
+        ctx,
+        head,
+        objects: HashMap::new(),
+        routes: HashMap::new(),
+        dirty: Vec::new(),
+        purged: HashSet::new(),
+        statuses: HashMap::new(),
+        status_dirty: Vec::new(),
+        netdev_namespaces: HashMap::new(),
+        dpus: HashMap::new(),
+        dpus_dirty: Vec::new(),
+        dpus_deleted: Vec::new(),
+        pools: HashMap::new(),
+        allocations: HashMap::new(),
+        loaded_allocations: HashMap::new(),
+        events: Vec::new(),
+        compact_to: None,
+    };
+    ws.preload(&mut tx, requests).await?;
+    let mut replies = Vec::with_capacity(requests.len());
+    for req in requests {
+        let save = ws.savepoint(req);
+        let reply = ws.handle(&mut tx, req).await;
+        if reply.is_err() {
+            ws.restore(save);
+        }
+        if let Err(e @ (Error::Unavailable(_) | Error::Internal(_))) = reply {
+            // The transaction itself may be broken: fail the batch so the writer can retry.
+            return Err(e);
+        }
+        replies.push(reply);
+    }
+    let (flush, events) = ws.into_flush();
+    let new_head = flush.head;
+    let compacted = tx.flush(flush).await?;
+    tx.commit().await?;
+    for reply in &mut replies {
+        if let Ok(Reply::Compacted(c)) = reply {
+            *c = compacted;
+        }
+    }
+    Ok(BatchResult { replies, events, head: new_head })
+}
+
+fn decode<T: serde::de::DeserializeOwned>(json: &Value, what: &str) -> Result<T> {
+    serde_json::from_value(json.clone()).map_err(|e| Error::internal(format!("stored {what} does not decode: {e}")))
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Value> {
+    serde_json::to_value(value).map_err(|e| Error::internal(format!("encoding: {e}")))
+}
+
+/// A stable, locally administered unicast MAC derived from the netdev id (FNV-1a).
+fn generated_mac(netdev_id: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in netdev_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    validate::format_mac([0x02, b[3], b[4], b[5], b[6], b[7]])
+}
+
+fn ip_of(address: &str) -> Option<IpAddr> {
+    address.split('/').next().and_then(|a| a.parse().ok())
+}
+
+impl Working<'_> {
+    async fn preload<T: WriteTx>(&mut self, tx: &mut T, requests: &[&Request]) -> Result<()> {
+        let mut keys = Vec::new();
+        let mut netdev_names = Vec::new();
+        let mut serials = Vec::new();
+        for req in requests {
+            match req {
+                Request::Apply(a) => {
+                    keys.push(a.input.key.clone());
+                    match &a.input.spec {
+                        Spec::Netdev(nd) => {
+                            keys.push(Key::cluster(Kind::XpuNetwork, &nd.network));
+                            netdev_names.push(a.input.key.name.clone());
+                        }
+                        Spec::Svi(s) => {
+                            keys.push(Key::cluster(Kind::Vrf, &s.vrf));
+                            keys.push(Key::cluster(Kind::LogicalBridge, &s.logical_bridge));
+                        }
+                        _ => {}
+                    }
+                }
+                Request::Delete(d) => keys.push(d.key.clone()),
+                Request::Status { serial, writes } => {
+                    keys.extend(writes.iter().map(|w| w.key.clone()));
+                    keys.push(Key::cluster(Kind::Dpu, serial));
+                }
+                Request::Register(r) => {
+                    keys.push(Key::cluster(Kind::Dpu, &r.serial));
+                    serials.push(r.serial.clone());
+                }
+                Request::Heartbeat { serial, .. } => serials.push(serial.clone()),
+                Request::SweepLeases | Request::Compact { .. } | Request::Decommission { .. } => {}
+            }
+        }
+        self.ensure(tx, keys).await?;
+        self.ensure_netdev_names(tx, netdev_names).await?;
+        self.ensure_dpus(tx, serials).await
+    }
+
+    async fn ensure<T: WriteTx>(&mut self, tx: &mut T, keys: Vec<Key>) -> Result<()> {
+        let mut missing: Vec<Key> = keys.into_iter().filter(|k| !self.objects.contains_key(k)).collect();
+        missing.sort();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let rows = tx.load_objects(missing.clone()).await?;
+        for k in missing {
+            self.objects.insert(k, None);
+        }
+        for row in rows {
+            let route = Spec::from_stored(row.key.kind, row.spec.clone())?.route();
+            self.routes.insert(row.key.clone(), route);
+            self.objects.insert(row.key.clone(), Some(row));
+        }
+        Ok(())
+    }
+
+    async fn ensure_netdev_names<T: WriteTx>(&mut self, tx: &mut T, names: Vec<String>) -> Result<()> {
+        let missing: Vec<String> = names.into_iter().filter(|n| !self.netdev_namespaces.contains_key(n)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let found = tx.live_netdev_namespaces(missing.clone()).await?;
+        for n in missing {
+            self.netdev_namespaces.insert(n, None);
+        }
+        for (name, ns) in found {
+            self.netdev_namespaces.insert(name, Some(ns));
+        }
+        Ok(())
+    }
+
+    async fn ensure_dpus<T: WriteTx>(&mut self, tx: &mut T, serials: Vec<String>) -> Result<()> {
+        let missing: Vec<String> = serials.into_iter().filter(|s| !self.dpus.contains_key(s)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let rows = tx.load_dpus(missing.clone()).await?;
+        for s in missing {
+            self.dpus.insert(s, None);
+        }
+        for row in rows {
+            self.dpus.insert(row.serial.clone(), Some(row));
+        }
+        Ok(())
+    }
+
+    async fn status_of<T: WriteTx>(&mut self, tx: &mut T, key: &Key, author: &str) -> Result<Option<StatusRow>> {
+        let slot = (key.clone(), author.to_string());
+        if !self.statuses.contains_key(&slot) {
+            let row = if self.purged.contains(key) {
+                None
+            } else {
+                tx.load_statuses(vec![slot.clone()]).await?.into_iter().next()
+            };
+            self.statuses.insert(slot.clone(), row);
+        }
+        Ok(self.statuses.get(&slot).cloned().flatten())
+    }
+
+    fn live(&self, key: &Key) -> Option<&ObjectRow> {
+        self.objects.get(key).and_then(|o| o.as_ref()).filter(|o| o.live())
+    }
+
+    fn next_revision(&mut self) -> i64 {
+        self.head += 1;
+        self.head
+    }
+
+    fn savepoint(&self, req: &Request) -> Savepoint {
+        // Only what a request can touch is copied: its keys' slots and the shared counters.
+        let keys: Vec<Key> = match req {
+            Request::Apply(a) => vec![a.input.key.clone()],
+            Request::Delete(d) => vec![d.key.clone()],
+            Request::Status { writes, .. } => writes.iter().map(|w| w.key.clone()).collect(),
+            Request::Register(r) => vec![Key::cluster(Kind::Dpu, &r.serial)],
+            Request::Heartbeat { serial, .. } => vec![Key::cluster(Kind::Dpu, serial)],
+            Request::SweepLeases | Request::Compact { .. } | Request::Decommission { .. } => vec![],
+        };
+        Savepoint {
+            head: self.head,
+            dirty: self.dirty.len(),
+            status_dirty: self.status_dirty.len(),
+            dpus_dirty: self.dpus_dirty.len(),
+            dpus_deleted: self.dpus_deleted.len(),
+            events: self.events.len(),
+            objects: keys.iter().map(|k| (k.clone(), self.objects.get(k).cloned().flatten())).collect(),
+            statuses: self
+                .statuses
+                .iter()
+                .filter(|((k, _), _)| keys.contains(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            dpus: self.dpus.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            purged: self.purged.clone(),
+            netdev_namespaces: self.netdev_namespaces.clone(),
+            allocations: self.allocations.clone(),
+            pools: self
+                .pools
+                .iter()
+                .map(|(n, p)| (n.clone(), p.offset, p.offset_dirty, p.reserved.clone()))
+                .collect(),
+            compact_to: self.compact_to,
+        }
+    }
+
+    fn restore(&mut self, s: Savepoint) {
+        self.head = s.head;
+        self.dirty.truncate(s.dirty);
+        self.status_dirty.truncate(s.status_dirty);
+        self.dpus_dirty.truncate(s.dpus_dirty);
+        self.dpus_deleted.truncate(s.dpus_deleted);
+        self.events.truncate(s.events);
+        for (k, v) in s.objects {
+            if let Some(row) = &v {
+                if let Ok(spec) = Spec::from_stored(k.kind, row.spec.clone()) {
+                    self.routes.insert(k.clone(), spec.route());
+                }
+            }
+            self.objects.insert(k, v);
+        }
+        for (k, v) in s.statuses {
+            self.statuses.insert(k, v);
+        }
+        self.dpus = s.dpus.into_iter().collect();
+        self.purged = s.purged;
+        self.netdev_namespaces = s.netdev_namespaces;
+        self.allocations = s.allocations;
+        for (n, offset, dirty, reserved) in s.pools {
+            if let Some(p) = self.pools.get_mut(&n) {
+                p.offset = offset;
+                p.offset_dirty = dirty;
+                p.reserved = reserved;
+            }
+        }
+        self.compact_to = s.compact_to;
+    }
+
+    async fn handle<T: WriteTx>(&mut self, tx: &mut T, req: &Request) -> Result<Reply> {
+        match req {
+            Request::Apply(a) => self.apply(tx, a).await.map(Reply::Apply),
+            Request::Delete(d) => self.delete(tx, d).await.map(Reply::Delete),
+            Request::Status { serial, writes } => self.status(tx, serial, writes).await.map(Reply::Status),
+            Request::Register(r) => self.register(tx, r).await.map(Reply::Register),
+            Request::Heartbeat { serial, applied_revision } => {
+                self.heartbeat(tx, serial, *applied_revision).await.map(|()| Reply::Heartbeat)
+            }
+            Request::SweepLeases => self.sweep(tx).await.map(Reply::Swept),
+            Request::Compact { to } => {
+                let to = (*to).min(self.head);
+                self.compact_to = Some(self.compact_to.map_or(to, |c| c.max(to)));
+                Ok(Reply::Compacted(Compacted::default()))
+            }
+            Request::Decommission { serial } => self.decommission(tx, serial).await,
+        }
+    }
+
+    // ---- specs ----
+
+    async fn apply<T: WriteTx>(&mut self, tx: &mut T, req: &ApplyRequest) -> Result<ApplyOutcome> {
+        let key = &req.input.key;
+        self.ensure(tx, vec![key.clone()]).await?;
+        let live = self.live(key).cloned();
+        if req.expected_generation != 0 {
+            match &live {
+                None => {
+                    return Err(Error::Aborted(format!(
+                        "{key} does not exist (the write expected generation {})",
+                        req.expected_generation
+                    )));
+                }
+                Some(o) if o.generation != req.expected_generation => {
+                    return Err(Error::Aborted(format!(
+                        "{key} is at generation {}, the write was based on generation {}",
+                        o.generation, req.expected_generation
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        if let (Some(node), Some(o)) = (&req.node, &live) {
+            check_node(o, node)?;
+        }
+        let mut spec = req.input.spec.clone();
+        match &mut spec {
+            Spec::Netdev(nd) => self.prepare_netdev(tx, key, nd, live.as_ref()).await?,
+            Spec::XpuNetwork(n) => self.check_network(tx, key, n, live.as_ref()).await?,
+            Spec::Svi(s) => {
+                self.require(tx, Key::cluster(Kind::Vrf, &s.vrf), "spec.vrf").await?;
+                self.require(tx, Key::cluster(Kind::LogicalBridge, &s.logical_bridge), "spec.logicalBridge")
+                    .await?;
+                if !s.mac_address.is_empty() {
+                    s.mac_address = validate::mac(&s.mac_address, "spec.macAddress")?;
+                }
+            }
+            Spec::Dpu(_) => {
+                return Err(Error::invalid("kind", "Dpu objects are written by the broker from agent registration"));
+            }
+            _ => {}
+        }
+        let (row, changed) = self.put_spec(key, &req.input.labels, &spec, &req.author)?;
+        Ok(ApplyOutcome { object: row.into_stored(vec![], None, None), changed })
+    }
+
+    /// Stores a spec and labels, bumping the generation when the spec changed; no-op when
+    /// nothing changed.
+    fn put_spec(&mut self, key: &Key, labels: &Labels, spec: &Spec, author: &str) -> Result<(ObjectRow, bool)> {
+        let spec_json = spec.to_json()?;
+        let existing = self.objects.get(key).cloned().flatten();
+        let live = existing.as_ref().filter(|o| o.live());
+        if let Some(o) = live {
+            if o.spec == spec_json && &o.labels == labels {
+                return Ok((o.clone(), false));
+            }
+        }
+        let now = self.ctx.now;
+        let spec_changed = live.is_none_or(|o| o.spec != spec_json);
+        let rev = self.next_revision();
+        let row = ObjectRow {
+            key: key.clone(),
+            uid: live.map_or_else(Uuid::new_v4, |o| o.uid),
+            generation: match live {
+                None => 1,
+                Some(o) if spec_changed => o.generation + 1,
+                Some(o) => o.generation,
+            },
+            revision: rev,
+            labels: labels.clone(),
+            spec: spec_json.clone(),
+            spec_author: author.to_string(),
+            created_at: live.map_or(now, |o| o.created_at),
+            updated_at: now,
+            deleted_revision: None,
+        };
+        if existing.is_some() && live.is_none() {
+            // A re-created object starts afresh: statuses of the old incarnation go.
+            self.purged.insert(key.clone());
+            self.statuses.retain(|(k, _), _| k != key);
+        }
+        let route = spec.route();
+        let prev_route = self.routes.get(key).filter(|r| live.is_some() && **r != route).cloned();
+        self.events.push(Event {
+            revision: rev,
+            key: key.clone(),
+            uid: row.uid,
+            generation: row.generation,
+            change: ChangeKind::Spec,
+            labels: labels.clone(),
+            body: Some(spec_json),
+            author: author.to_string(),
+            observed_generation: 0,
+            route: route.clone(),
+            prev_route,
+            at: now,
+        });
+        self.routes.insert(key.clone(), route);
+        self.objects.insert(key.clone(), Some(row.clone()));
+        self.dirty.push(key.clone());
+        Ok((row, true))
+    }
+
+    async fn require<T: WriteTx>(&mut self, tx: &mut T, key: Key, field: &str) -> Result<ObjectRow> {
+        self.ensure(tx, vec![key.clone()]).await?;
+        self.live(&key)
+            .cloned()
+            .ok_or_else(|| Error::invalid(field, format!("{} {:?} not found", key.kind, key.name)))
+    }
+
+    async fn check_network<T: WriteTx>(
+        &mut self,
+        tx: &mut T,
+        key: &Key,
+        spec: &pb::XpuNetworkSpec,
+        live: Option<&ObjectRow>,
+    ) -> Result<()> {
+        for (i, lb) in spec.logical_bridges.iter().enumerate() {
+            self.require(tx, Key::cluster(Kind::LogicalBridge, lb), &format!("spec.logicalBridges[{i}]")).await?;
+        }
+        if !spec.vrf.is_empty() {
+            self.require(tx, Key::cluster(Kind::Vrf, &spec.vrf), "spec.vrf").await?;
+        }
+        if let Some(o) = live {
+            let old: pb::XpuNetworkSpec = decode(&o.spec, "XpuNetwork spec")?;
+            if old.ipam != spec.ipam {
+                let in_use = self.allocations_in(tx, &key.name).await?;
+                if in_use > 0 {
+                    return Err(Error::FailedPrecondition(format!(
+                        "XpuNetwork {} has {in_use} allocated addresses; its ipam pool cannot change while netdevs use it",
+                        key.name
+                    )));
+                }
+                self.pools.remove(&key.name);
+            }
+        }
+        Ok(())
+    }
+
+    async fn allocations_in<T: WriteTx>(&mut self, tx: &mut T, network: &str) -> Result<i64> {
+        let mut n = tx.count_allocations(network.to_string()).await?;
+        // Adjust for what this batch changed but has not written yet.
+        for (slot, now) in &self.allocations {
+            let before = self.loaded_allocations.get(slot).cloned().flatten();
+            let was = before.as_ref().is_some_and(|(net, _)| net == network);
+            let is = now.as_ref().is_some_and(|(net, _)| net == network);
+            n += i64::from(is) - i64::from(was);
+        }
+        Ok(n)
+    }
+
+    async fn prepare_netdev<T: WriteTx>(
+        &mut self,
+        tx: &mut T,
+        key: &Key,
+        nd: &mut pb::NetdevSpec,
+        live: Option<&ObjectRow>,
+    ) -> Result<()> {
+        let id = NetdevId::parse(&nd.netdev_id)
+            .ok_or_else(|| Error::invalid("spec.netdevId", "is not a netdev id"))?;
+        self.ensure_netdev_names(tx, vec![key.name.clone()]).await?;
+        if let Some(Some(ns)) = self.netdev_namespaces.get(&key.name) {
+            if *ns != key.namespace {
+                return Err(Error::AlreadyExists(format!(
+                    "netdev {} already exists in namespace {ns}; a VF carries one Netdev at a time",
+                    key.name
+                )));
+            }
+        }
+        let net_row = self.require(tx, Key::cluster(Kind::XpuNetwork, &nd.network), "spec.network").await?;
+        let net: pb::XpuNetworkSpec = decode(&net_row.spec, "XpuNetwork spec")?;
+        let old: Option<pb::NetdevSpec> = live.map(|o| decode(&o.spec, "Netdev spec")).transpose()?;
+
+        if nd.backend.is_empty() {
+            nd.backend = id.backend.as_str().to_string();
+        }
+        if nd.port_type.is_empty() {
+            nd.port_type = if net.port_type.is_empty() { "access".into() } else { net.port_type.clone() };
+        }
+        if nd.logical_bridges.is_empty() {
+            nd.logical_bridges = net.logical_bridges.clone();
+        }
+        for (i, lb) in nd.logical_bridges.clone().iter().enumerate() {
+            self.require(tx, Key::cluster(Kind::LogicalBridge, lb), &format!("spec.logicalBridges[{i}]")).await?;
+        }
+        match (nd.port_type.as_str(), nd.logical_bridges.len()) {
+            ("access", 1) => {}
+            ("access", n) => {
+                return Err(Error::invalid(
+                    "spec.logicalBridges",
+                    format!("an access port needs exactly one logical bridge, got {n}"),
+                ));
+            }
+            (_, 0) => return Err(Error::invalid("spec.logicalBridges", "a trunk port needs at least one logical bridge")),
+            _ => {}
+        }
+        nd.mac_address = if nd.mac_address.is_empty() {
+            old.as_ref().map(|o| o.mac_address.clone()).unwrap_or_else(|| generated_mac(&nd.netdev_id))
+        } else {
+            validate::mac(&nd.mac_address, "spec.macAddress")?
+        };
+        if nd.mtu == 0 {
+            nd.mtu = net.mtu;
+        }
+        self.prepare_ipam(tx, key, nd, &net).await
+    }
+
+    async fn current_allocation<T: WriteTx>(&mut self, tx: &mut T, key: &Key) -> Result<Option<(String, IpAddr)>> {
+        let slot = (key.namespace.clone(), key.name.clone());
+        if let Some(a) = self.allocations.get(&slot) {
+            return Ok(a.clone());
+        }
+        if !self.loaded_allocations.contains_key(&slot) {
+            let found = tx
+                .allocation_of(key.namespace.clone(), key.name.clone())
+                .await?
+                .and_then(|(net, addr)| addr.parse().ok().map(|ip| (net, ip)));
+            self.loaded_allocations.insert(slot.clone(), found);
+        }
+        Ok(self.loaded_allocations.get(&slot).cloned().flatten())
+    }
+
+    async fn prepare_ipam<T: WriteTx>(
+        &mut self,
+        tx: &mut T,
+        key: &Key,
+        nd: &mut pb::NetdevSpec,
+        net: &pb::XpuNetworkSpec,
+    ) -> Result<()> {
+        let pool = net.ipam.as_ref().map(Pool::from_spec).transpose().map_err(|_| {
+            Error::FailedPrecondition(format!("XpuNetwork {} has an invalid ipam pool", nd.network))
+        })?;
+        let network = nd.network.clone();
+        let prev = self.current_allocation(tx, key).await?;
+        let ipam = nd.ipam.get_or_insert_with(Default::default);
+        if ipam.mode.is_empty() {
+            ipam.mode = "broker".into();
+        }
+        let requested = if ipam.address.is_empty() { None } else { ip_of(&ipam.address) };
+        let slot = (key.namespace.clone(), key.name.clone());
+        let next = if ipam.mode == "broker" {
+            let pool = pool.as_ref().ok_or_else(|| {
+                Error::invalid(
+                    "spec.network",
+                    format!("XpuNetwork {network} has no ipam pool; set spec.ipam.mode to host and give an address"),
+                )
+            })?;
+            let ip = match &prev {
+                Some((pn, pa)) if *pn == network && requested.is_none_or(|r| r == *pa) => *pa,
+                Some((pn, pa)) if *pn == network => {
+                    return Err(Error::invalid(
+                        "spec.ipam.address",
+                        format!("the broker allocated {pa}; delete the netdev to get another address"),
+                    ));
+                }
+                _ => self.allocate(tx, &network, pool, requested).await?,
+            };
+            ipam.address = pool.interface_address(ip);
+            if ipam.gateway.is_empty() {
+                ipam.gateway = pool.gateway().map(|g| g.to_string()).unwrap_or_default();
+            }
+            Some((network, ip))
+        } else {
+            let ip = requested.ok_or_else(|| Error::invalid("spec.ipam.address", "is required in mode host"))?;
+            match &pool {
+                Some(pool) if pool.network().contains(&ip) => {
+                    if ipam.gateway.is_empty() {
+                        ipam.gateway = pool.gateway().map(|g| g.to_string()).unwrap_or_default();
+                    }
+                    match &prev {
+                        Some((pn, pa)) if *pn == network && *pa == ip => Some((network, ip)),
+                        _ => Some((network.clone(), self.allocate(tx, &network, pool, Some(ip)).await?)),
+                    }
+                }
+                _ => None,
+            }
+        };
+        if next != prev {
+            self.allocations.insert(slot, next);
+        }
+        Ok(())
+    }
+
+    async fn pool_state<T: WriteTx>(&mut self, tx: &mut T, network: &str) -> Result<()> {
+        if !self.pools.contains_key(network) {
+            let offset = tx.pool_offset(network.to_string()).await?.unwrap_or(0);
+            self.pools.insert(network.to_string(), PoolState { offset, offset_dirty: false, reserved: HashSet::new() });
+        }
+        Ok(())
+    }
+
+    /// Reserves `requested`, or the next free address of the pool.
+    async fn allocate<T: WriteTx>(
+        &mut self,
+        tx: &mut T,
+        network: &str,
+        pool: &Pool,
+        requested: Option<IpAddr>,
+    ) -> Result<IpAddr> {
+        self.pool_state(tx, network).await?;
+        if let Some(ip) = requested {
+            if !pool.usable(ip) {
+                return Err(Error::invalid(
+                    "spec.ipam.address",
+                    format!("{ip} is not an assignable address of the pool of XpuNetwork {network}"),
+                ));
+            }
+            let taken = tx.taken(network.to_string(), vec![ip.to_string()]).await?;
+            let state = self.pools.get_mut(network).ok_or_else(|| Error::internal("pool state missing"))?;
+            if let Some((ns, name)) = taken.get(&ip.to_string()) {
+                return Err(Error::AlreadyExists(format!(
+                    "address {ip} of XpuNetwork {network} is in use by netdev {ns}/{name}"
+                )));
+            }
+            if !state.reserved.insert(ip) {
+                return Err(Error::AlreadyExists(format!("address {ip} of XpuNetwork {network} is in use")));
+            }
+            return Ok(ip);
+        }
+        let capacity = pool.capacity();
+        let mut scanned: u128 = 0;
+        loop {
+            let state = self.pools.get_mut(network).ok_or_else(|| Error::internal("pool state missing"))?;
+            let window: Vec<(IpAddr, u128)> = pool
+                .candidates(state.offset, IPAM_WINDOW)
+                .into_iter()
+                .filter(|(ip, _)| !state.reserved.contains(ip))
+                .collect();
+            if window.is_empty() || scanned >= capacity {
+                return Err(Error::ResourceExhausted(format!(
+                    "the address pool of XpuNetwork {network} is exhausted ({capacity} addresses in use)"
+                )));
+            }
+            let addrs = window.iter().map(|(ip, _)| ip.to_string()).collect();
+            let taken = tx.taken(network.to_string(), addrs).await?;
+            let state = self.pools.get_mut(network).ok_or_else(|| Error::internal("pool state missing"))?;
+            for (ip, next) in &window {
+                if !taken.contains_key(&ip.to_string()) {
+                    state.reserved.insert(*ip);
+                    state.offset = *next;
+                    state.offset_dirty = true;
+                    return Ok(*ip);
+                }
+            }
+            scanned += IPAM_WINDOW as u128;
+            if let Some((_, next)) = window.last() {
+                state.offset = *next;
+                state.offset_dirty = true;
+            }
+        }
+    }
+
+    async fn delete<T: WriteTx>(&mut self, tx: &mut T, req: &DeleteRequest) -> Result<DeleteOutcome> {
+        let key = &req.key;
+        self.ensure(tx, vec![key.clone()]).await?;
+        let Some(mut row) = self.live(key).cloned() else {
+            return Ok(DeleteOutcome { revision: 0, existed: false });
+        };
+        if let Some(uid) = req.uid {
+            if uid != row.uid {
+                return Err(Error::Aborted(format!("{key} has uid {}, the delete expected {uid}", row.uid)));
+            }
+        }
+        if req.expected_generation != 0 && req.expected_generation != row.generation {
+            return Err(Error::Aborted(format!(
+                "{key} is at generation {}, the delete expected generation {}",
+                row.generation, req.expected_generation
+            )));
+        }
+        if let Some(node) = &req.node {
+            check_node(&row, node)?;
+        }
+        match key.kind {
+            Kind::XpuNetwork => {
+                let in_use = self.allocations_in(tx, &key.name).await?;
+                if in_use > 0 {
+                    return Err(Error::FailedPrecondition(format!(
+                        "XpuNetwork {} is in use by {in_use} netdevs; delete them first",
+                        key.name
+                    )));
+                }
+            }
+            Kind::Netdev => {
+                if self.current_allocation(tx, key).await?.is_some() {
+                    self.allocations.insert((key.namespace.clone(), key.name.clone()), None);
+                }
+                self.netdev_namespaces.insert(key.name.clone(), None);
+            }
+            Kind::Dpu => {
+                self.purged.insert(key.clone());
+                self.statuses.retain(|(k, _), _| k != key);
+            }
+            _ => {}
+        }
+        let rev = self.next_revision();
+        row.revision = rev;
+        row.deleted_revision = Some(rev);
+        row.updated_at = self.ctx.now;
+        row.spec_author = req.author.clone();
+        let route = self.routes.get(key).cloned().unwrap_or(Route::None);
+        self.events.push(Event {
+            revision: rev,
+            key: key.clone(),
+            uid: row.uid,
+            generation: row.generation,
+            change: ChangeKind::Deleted,
+            labels: row.labels.clone(),
+            body: None,
+            author: req.author.clone(),
+            observed_generation: 0,
+            route,
+            prev_route: None,
+            at: self.ctx.now,
+        });
+        self.objects.insert(key.clone(), Some(row));
+        self.dirty.push(key.clone());
+        Ok(DeleteOutcome { revision: rev, existed: true })
+    }
+
+    // ---- statuses ----
+
+    fn put_status(&mut self, obj: &ObjectRow, author: &str, observed_generation: i64, seq: i64, body: Option<Value>) -> i64 {
+        let rev = self.next_revision();
+        let slot = (obj.key.clone(), author.to_string());
+        let row = body.clone().map(|status| StatusRow {
+            key: obj.key.clone(),
+            author: author.to_string(),
+            observed_generation,
+            seq,
+            revision: rev,
+            status,
+            updated_at: self.ctx.now,
+        });
+        self.statuses.insert(slot.clone(), row);
+        self.status_dirty.push(slot);
+        self.events.push(Event {
+            revision: rev,
+            key: obj.key.clone(),
+            uid: obj.uid,
+            generation: obj.generation,
+            change: ChangeKind::Status,
+            labels: obj.labels.clone(),
+            body,
+            author: author.to_string(),
+            observed_generation,
+            route: self.routes.get(&obj.key).cloned().unwrap_or(Route::None),
+            prev_route: None,
+            at: self.ctx.now,
+        });
+        rev
+    }
+
+    async fn status<T: WriteTx>(&mut self, tx: &mut T, serial: &str, writes: &[StatusWrite]) -> Result<Vec<StatusOutcome>> {
+        let author = dpu_author(serial);
+        self.ensure(tx, writes.iter().map(|w| w.key.clone()).collect()).await?;
+        let dpu_key = Key::cluster(Kind::Dpu, serial);
+        self.ensure(tx, vec![dpu_key.clone()]).await?;
+        let dpu_labels = self.live(&dpu_key).map(|d| d.labels.clone()).unwrap_or_default();
+        // Authorize the whole request before writing any of it.
+        for w in writes {
+            if let (Some(Some(obj)), Some(Route::Dpu(owner))) = (self.objects.get(&w.key), self.routes.get(&w.key)) {
+                if owner != serial {
+                    return Err(Error::PermissionDenied(format!(
+                        "{} belongs to dpu {owner}; dpu {serial} cannot report its status",
+                        obj.key
+                    )));
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(writes.len());
+        for w in writes {
+            let Some(obj) = self.objects.get(&w.key).cloned().flatten() else {
+                out.push(StatusOutcome::NotFound);
+                continue;
+            };
+            let existing = self.status_of(tx, &w.key, &author).await?;
+            let routed = self.routes.get(&w.key).is_some_and(|r| r.reaches(serial, &dpu_labels));
+            if !routed && existing.is_none() {
+                out.push(StatusOutcome::NotFound);
+                continue;
+            }
+            if let Some(s) = &existing {
+                if w.seq <= s.seq {
+                    out.push(StatusOutcome::Stale);
+                    continue;
+                }
+            }
+            let outcome = match &w.body {
+                None if existing.is_some() => {
+                    StatusOutcome::Accepted(self.put_status(&obj, &author, w.observed_generation, w.seq, None))
+                }
+                None => StatusOutcome::Unchanged,
+                Some(_) if !obj.live() => StatusOutcome::NotFound,
+                // A generation the object never had belongs to another incarnation of it.
+                Some(_) if w.observed_generation > obj.generation => StatusOutcome::Stale,
+                Some(_) if existing.as_ref().is_some_and(|s| w.observed_generation < s.observed_generation) => {
+                    StatusOutcome::Stale
+                }
+                Some(body)
+                    if existing
+                        .as_ref()
+                        .is_some_and(|s| &s.status == body && s.observed_generation == w.observed_generation) =>
+                {
+                    StatusOutcome::Unchanged
+                }
+                Some(body) => StatusOutcome::Accepted(self.put_status(
+                    &obj,
+                    &author,
+                    w.observed_generation,
+                    w.seq,
+                    Some(body.clone()),
+                )),
+            };
+            out.push(outcome);
+        }
+        Ok(out)
+    }
+
+    // ---- DPUs and leases ----
+
+    async fn register<T: WriteTx>(&mut self, tx: &mut T, req: &RegisterRequest) -> Result<RegisterOutcome> {
+        let key = Key::cluster(Kind::Dpu, &req.serial);
+        let author = dpu_author(&req.serial);
+        self.ensure(tx, vec![key.clone()]).await?;
+        self.ensure_dpus(tx, vec![req.serial.clone()]).await?;
+        let (row, _) = self.put_spec(&key, &req.labels, &Spec::Dpu(req.spec.clone()), &author)?;
+        let now = self.ctx.now;
+        let lease = self.dpus.get(&req.serial).cloned().flatten();
+        let registered_at = lease.as_ref().map_or(now, |l| l.registered_at);
+        self.dpus.insert(
+            req.serial.clone(),
+            Some(DpuRow {
+                serial: req.serial.clone(),
+                ready: true,
+                last_heartbeat: now,
+                lease_duration_ms: self.ctx.lease_duration_ms,
+                applied_revision: lease.as_ref().map_or(0, |l| l.applied_revision),
+                registered_at,
+            }),
+        );
+        self.dpus_dirty.push(req.serial.clone());
+        let status = pb::DpuStatus {
+            lease_state: "Ready".into(),
+            inventory: Some(req.inventory.clone()),
+            registered_at: crate::model::convert::timestamp(registered_at),
+            ..Default::default()
+        };
+        self.put_broker_status(tx, &row, encode(&status)?).await?;
+        let last_status_seq = tx.max_status_seq(author).await?;
+        Ok(RegisterOutcome { object: row.into_stored(vec![], None, None), last_status_seq })
+    }
+
+    /// Writes the broker-authored status of a Dpu when it differs from the stored one.
+    async fn put_broker_status<T: WriteTx>(&mut self, tx: &mut T, row: &ObjectRow, status: Value) -> Result<()> {
+        let existing = self.status_of(tx, &row.key, BROKER_AUTHOR).await?;
+        if existing.as_ref().is_some_and(|s| s.status == status && s.observed_generation == row.generation) {
+            return Ok(());
+        }
+        let seq = existing.map_or(1, |s| s.seq + 1);
+        self.put_status(row, BROKER_AUTHOR, row.generation, seq, Some(status));
+        Ok(())
+    }
+
+    async fn set_lease_state<T: WriteTx>(&mut self, tx: &mut T, serial: &str, ready: bool) -> Result<()> {
+        let key = Key::cluster(Kind::Dpu, serial);
+        self.ensure(tx, vec![key.clone()]).await?;
+        let Some(row) = self.live(&key).cloned() else { return Ok(()) };
+        let mut status: pb::DpuStatus = match self.status_of(tx, &key, BROKER_AUTHOR).await? {
+            Some(s) => decode(&s.status, "Dpu status")?,
+            None => pb::DpuStatus::default(),
+        };
+        status.lease_state = if ready { "Ready" } else { "Unknown" }.into();
+        self.put_broker_status(tx, &row, encode(&status)?).await
+    }
+
+    async fn heartbeat<T: WriteTx>(&mut self, tx: &mut T, serial: &str, applied_revision: i64) -> Result<()> {
+        self.ensure_dpus(tx, vec![serial.to_string()]).await?;
+        let Some(mut lease) = self.dpus.get(serial).cloned().flatten() else {
+            return Err(Error::NotFound(format!("dpu {serial} (register first)")));
+        };
+        let was_ready = lease.ready;
+        lease.ready = true;
+        lease.last_heartbeat = self.ctx.now;
+        lease.applied_revision = applied_revision.max(0);
+        self.dpus.insert(serial.to_string(), Some(lease));
+        self.dpus_dirty.push(serial.to_string());
+        if !was_ready {
+            self.set_lease_state(tx, serial, true).await?;
+        }
+        Ok(())
+    }
+
+    async fn sweep<T: WriteTx>(&mut self, tx: &mut T) -> Result<usize> {
+        let lapsed = tx.lapsed_dpus(self.ctx.now).await?;
+        self.ensure_dpus(tx, lapsed.clone()).await?;
+        let mut n = 0;
+        for serial in lapsed {
+            let Some(mut lease) = self.dpus.get(&serial).cloned().flatten() else { continue };
+            // A heartbeat earlier in this batch may have renewed it.
+            let deadline = lease.last_heartbeat + chrono::Duration::milliseconds(lease.lease_duration_ms);
+            if !lease.ready || deadline >= self.ctx.now {
+                continue;
+            }
+            lease.ready = false;
+            self.dpus.insert(serial.clone(), Some(lease));
+            self.dpus_dirty.push(serial.clone());
+            self.set_lease_state(tx, &serial, false).await?;
+            tracing::warn!(dpu = %serial, "lease lapsed");
+            crate::metrics::LEASES_LAPSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    async fn decommission<T: WriteTx>(&mut self, tx: &mut T, serial: &str) -> Result<Reply> {
+        let netdevs = tx.live_netdevs_on_dpu(serial.to_string()).await?;
+        let author = "admin/decommission".to_string();
+        let mut count = 0u32;
+        for key in netdevs {
+            let req = DeleteRequest { key, uid: None, expected_generation: 0, author: author.clone(), node: None };
+            if self.delete(tx, &req).await?.existed {
+                count += 1;
+            }
+        }
+        let req = DeleteRequest {
+            key: Key::cluster(Kind::Dpu, serial),
+            uid: None,
+            expected_generation: 0,
+            author,
+            node: None,
+        };
+        let outcome = self.delete(tx, &req).await?;
+        if !outcome.existed && count == 0 {
+            return Err(Error::NotFound(format!("dpu {serial}")));
+        }
+        self.dpus.insert(serial.to_string(), None);
+        self.dpus_deleted.push(serial.to_string());
+        Ok(Reply::Decommissioned { revision: self.head, netdevs: count })
+    }
+
+    fn into_flush(self) -> (Flush, Vec<Event>) {
+        let mut flush = Flush { head: self.head, compact_to: self.compact_to, ..Default::default() };
+        let mut seen = HashSet::new();
+        for key in self.dirty {
+            if seen.insert(key.clone()) {
+                if let Some(Some(row)) = self.objects.get(&key) {
+                    flush.routes.push(self.routes.get(&key).cloned().unwrap_or(Route::None));
+                    flush.objects.push(row.clone());
+                }
+            }
+        }
+        flush.purge_statuses = self.purged.into_iter().collect();
+        let mut seen = HashSet::new();
+        for slot in self.status_dirty {
+            if seen.insert(slot.clone()) {
+                match self.statuses.get(&slot) {
+                    Some(Some(row)) => flush.statuses.push(row.clone()),
+                    _ => flush.delete_statuses.push(slot),
+                }
+            }
+        }
+        for ((ns, name), alloc) in self.allocations {
+            flush.release_allocations.push((ns.clone(), name.clone()));
+            if let Some((network, ip)) = alloc {
+                flush.allocations.push(Allocation {
+                    network,
+                    address: ip.to_string(),
+                    namespace: ns,
+                    name,
+                    revision: self.head,
+                });
+            }
+        }
+        for (network, state) in self.pools {
+            if state.offset_dirty {
+                flush.pool_offsets.push((network, state.offset));
+            }
+        }
+        let mut seen = HashSet::new();
+        for serial in self.dpus_dirty {
+            if seen.insert(serial.clone()) {
+                if let Some(Some(row)) = self.dpus.get(&serial) {
+                    flush.dpus.push(row.clone());
+                }
+            }
+        }
+        flush.delete_dpus = self.dpus_deleted;
+        let events = self.events.clone();
+        flush.log = self.events;
+        (flush, events)
+    }
+}
+
+fn check_node(row: &ObjectRow, node: &str) -> Result<()> {
+    if row.key.kind != Kind::Netdev {
+        return Err(Error::PermissionDenied(format!("host {node} may only write Netdevs")));
+    }
+    let hostname = row.spec.get("hostname").and_then(Value::as_str).unwrap_or_default();
+    if hostname != node {
+        return Err(Error::PermissionDenied(format!(
+            "{} belongs to node {hostname}; host {node} cannot change it",
+            row.key
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! The store: Postgres as the source of truth, written by one group-committing writer task.
+//!
+//! Writes are queued to the writer, which takes everything waiting (up to `max_batch`), applies
+//! it in one transaction and publishes the committed changes, in revision order, to the fan-out.
+//! Reads go straight to the database.
+
+mod batch;
+pub mod postgres;
+pub mod rows;
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::Utc;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+
+use self::{
+    batch::{BatchContext, Reply, Request},
+    rows::*,
+};
+pub use self::postgres::{FleetCounts, Snapshot};
+use crate::{
+    error::{Error, Result},
+    model::{Key, Kind, Labels, event::Event, object::StoredObject},
+};
+
+/// Which log entries a reader wants.
+#[derive(Clone, Debug)]
+pub enum LogFilter {
+    All,
+    Kinds(Vec<Kind>),
+    /// What a DPU's desired-state stream may carry: its Netdevs, every selector-routed object,
+    /// its own Dpu object; no status changes.
+    Dpu(String),
+    Object(Key),
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Most requests committed in one transaction.
+    pub max_batch: usize,
+    /// Requests waiting for the writer before submitters wait for room.
+    pub queue_capacity: usize,
+    pub lease_duration: Duration,
+    /// Name of this broker process among replicas sharing the database.
+    pub replica: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_batch: 1024,
+            queue_capacity: 16 * 1024,
+            lease_duration: Duration::from_secs(30),
+            replica: uuid::Uuid::new_v4().to_string(),
+        }
+    }
+}
+
+/// Changes of one commit, in revision order, for the fan-out.
+#[derive(Debug)]
+pub struct Committed {
+    pub events: Vec<Arc<Event>>,
+    pub head: i64,
+}
+
+struct Pending {
+    request: Request,
+    reply: oneshot::Sender<Result<Reply>>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+    writer: mpsc::Sender<Pending>,
+    config: Arc<StoreConfig>,
+}
+
+impl Store {
+    /// Starts the writer task. Committed changes go to `committed`.
+    pub fn start(pool: PgPool, config: StoreConfig, committed: mpsc::Sender<Committed>) -> Store {
+        let (tx, rx) = mpsc::channel(config.queue_capacity);
+        let config = Arc::new(config);
+        tokio::spawn(writer(pool.clone(), Arc::clone(&config), rx, committed));
+        Store { pool, writer: tx, config }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.config.replica
+    }
+
+    async fn submit(&self, request: Request) -> Result<Reply> {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(Pending { request, reply })
+            .await
+            .map_err(|_| Error::Unavailable("the store writer has stopped".into()))?;
+        rx.await.map_err(|_| Error::Unavailable("the store writer has stopped".into()))?
+    }
+
+    pub async fn apply(&self, req: ApplyRequest) -> Result<ApplyOutcome> {
+        match self.submit(Request::Apply(req)).await? {
+            Reply::Apply(o) => Ok(o),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn delete(&self, req: DeleteRequest) -> Result<DeleteOutcome> {
+        match self.submit(Request::Delete(req)).await? {
+            Reply::Delete(o) => Ok(o),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn report_status(&self, serial: &str, writes: Vec<StatusWrite>) -> Result<Vec<StatusOutcome>> {
+        match self.submit(Request::Status { serial: serial.to_string(), writes }).await? {
+            Reply::Status(o) => Ok(o),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn register(&self, req: RegisterRequest) -> Result<RegisterOutcome> {
+        match self.submit(Request::Register(req)).await? {
+            Reply::Register(o) => Ok(o),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn heartbeat(&self, serial: &str, applied_revision: i64) -> Result<()> {
+        match self.submit(Request::Heartbeat { serial: serial.to_string(), applied_revision }).await? {
+            Reply::Heartbeat => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Marks DPUs whose lease lapsed; returns how many.
+    pub async fn sweep_leases(&self) -> Result<usize> {
+        match self.submit(Request::SweepLeases).await? {
+            Reply::Swept(n) => Ok(n),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Drops log entries and tombstones at or below `to` (capped at the current revision).
+    pub async fn compact(&self, to: i64) -> Result<Compacted> {
+        match self.submit(Request::Compact { to }).await? {
+            Reply::Compacted(c) => Ok(c),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn decommission(&self, serial: &str) -> Result<(i64, u32)> {
+        match self.submit(Request::Decommission { serial: serial.to_string() }).await? {
+            Reply::Decommissioned { revision, netdevs } => Ok((revision, netdevs)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    // ---- reads ----
+
+    /// Current revision and compaction horizon.
+    pub async fn head(&self) -> Result<(i64, i64)> {
+        postgres::head(&self.pool).await
+    }
+
+    pub async fn get(&self, key: &Key) -> Result<Option<StoredObject>> {
+        postgres::get(&self.pool, key, false).await
+    }
+
+    pub async fn get_including_deleted(&self, key: &Key) -> Result<Option<StoredObject>> {
+        postgres::get(&self.pool, key, true).await
+    }
+
+    pub async fn list(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        selector: &Labels,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<StoredObject>> {
+        postgres::list(&self.pool, kind, namespace, selector, after, limit).await
+    }
+
+    /// Log entries after `after`, and the compaction horizon read after them.
+    pub async fn read_log(&self, after: i64, limit: usize, filter: &LogFilter) -> Result<(Vec<Event>, i64)> {
+        postgres::read_log(&self.pool, after, limit, filter).await
+    }
+
+    pub async fn snapshot(&self) -> Result<Snapshot> {
+        Snapshot::begin(&self.pool).await
+    }
+
+    pub async fn dpu_labels(&self, serial: &str) -> Result<Option<Labels>> {
+        postgres::dpu_labels(&self.pool, serial).await
+    }
+
+    pub async fn fleet_counts(&self) -> Result<FleetCounts> {
+        postgres::fleet_counts(&self.pool).await
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        postgres::ping(&self.pool).await
+    }
+}
+
+fn unexpected(reply: &Reply) -> Error {
+    Error::internal(format!("store writer answered with {reply:?}"))
+}
+
+/// The same failure for every request of a failed batch.
+fn duplicate(err: &Error) -> Error {
+    match err {
+        Error::Unavailable(cause) => Error::Unavailable(cause.to_string().into()),
+        Error::Internal(cause) => Error::Internal(cause.to_string().into()),
+        other => Error::internal(other.to_string()),
+    }
+}
+
+async fn run_batch(pool: &PgPool, config: &StoreConfig, requests: &[&Request]) -> Result<batch::BatchResult> {
+    let ctx = BatchContext {
+        now: Utc::now(),
+        lease_duration_ms: i64::try_from(config.lease_duration.as_millis()).unwrap_or(i64::MAX),
+    };
+    let tx = postgres::PgWriteTx::begin(pool, &config.replica).await?;
+    batch::run(tx, requests, &ctx).await
+}
+
+async fn writer(
+    pool: PgPool,
+    config: Arc<StoreConfig>,
+    mut rx: mpsc::Receiver<Pending>,
+    committed: mpsc::Sender<Committed>,
+) {
+    let mut queue: Vec<Pending> = Vec::with_capacity(config.max_batch);
+    while let Some(first) = rx.recv().await {
+        queue.push(first);
+        while queue.len() < config.max_batch {
+            match rx.try_recv() {
+                Ok(p) => queue.push(p),
+                Err(_) => break,
+            }
+        }
+        let batch: Vec<Pending> = std::mem::take(&mut queue);
+        let requests: Vec<&Request> = batch.iter().map(|p| &p.request).collect();
+        let started = std::time::Instant::now();
+        let result = run_batch(&pool, &config, &requests).await;
+        crate::metrics::record_batch(batch.len(), started.elapsed());
+        match result {
+            Ok(res) => deliver(res, batch, &committed).await,
+            Err(err) if batch.len() > 1 && !matches!(err, Error::Unavailable(_)) => {
+                // Find the request that broke the transaction: commit each on its own.
+                tracing::warn!(error = %err, size = batch.len(), "batch failed, retrying requests one by one");
+                for p in batch {
+                    let res = run_batch(&pool, &config, &[&p.request]).await;
+                    match res {
+                        Ok(res) => deliver(res, vec![p], &committed).await,
+                        Err(e) => {
+                            let _ = p.reply.send(Err(e));
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                for p in batch {
+                    let _ = p.reply.send(Err(duplicate(&err)));
+                }
+            }
+        }
+    }
+    tracing::debug!("store writer stopped");
+}
+
+async fn deliver(res: batch::BatchResult, batch: Vec<Pending>, committed: &mpsc::Sender<Committed>) {
+    if !res.events.is_empty() {
+        let events = res.events.into_iter().map(Arc::new).collect();
+        // The fan-out must see every commit in order; waiting here applies back-pressure.
+        if committed.send(Committed { events, head: res.head }).await.is_err() {
+            tracing::debug!("fan-out stopped; committed changes reach watchers through the log");
+        }
+    }
+    for (p, reply) in batch.into_iter().zip(res.replies) {
+        let _ = p.reply.send(reply);
+    }
+}

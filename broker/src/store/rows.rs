@@ -1,0 +1,199 @@
+//! Rows as the backends read and write them, and the requests and outcomes of writes.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use uuid::Uuid;
+use xpu_proto::broker::v1 as pb;
+
+use crate::model::{
+    Key, Labels, Route, Selector,
+    object::{Lease, ObjectInput, StoredObject, StoredStatus},
+};
+
+#[derive(Clone, Debug)]
+pub struct ObjectRow {
+    pub key: Key,
+    pub uid: Uuid,
+    pub generation: i64,
+    pub revision: i64,
+    pub labels: Labels,
+    pub spec: Value,
+    pub spec_author: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub deleted_revision: Option<i64>,
+}
+
+impl ObjectRow {
+    pub fn live(&self) -> bool {
+        self.deleted_revision.is_none()
+    }
+
+    pub fn into_stored(self, statuses: Vec<StoredStatus>, lease: Option<Lease>, allocated: Option<u64>) -> StoredObject {
+        StoredObject {
+            key: self.key,
+            uid: self.uid,
+            generation: self.generation,
+            revision: statuses.iter().map(|s| s.revision).fold(self.revision, i64::max),
+            labels: self.labels,
+            spec: self.spec,
+            spec_author: self.spec_author,
+            created_at: self.created_at,
+            deleted_revision: self.deleted_revision,
+            statuses,
+            lease,
+            allocated,
+        }
+    }
+}
+
+/// Routing columns of an object: the DPU a Netdev names, the selector of fabric kinds.
+pub fn route_columns(route: &Route) -> (Option<String>, Option<Value>) {
+    match route {
+        Route::None => (None, None),
+        Route::Dpu(d) => (Some(d.clone()), None),
+        Route::Selector(s) => (None, serde_json::to_value(&s.0).ok()),
+    }
+}
+
+pub fn route_from_columns(dpu: Option<String>, selector: Option<Value>) -> Route {
+    match (dpu, selector) {
+        (Some(d), _) => Route::Dpu(d),
+        (None, Some(sel)) => Route::Selector(Selector(serde_json::from_value(sel).unwrap_or_default())),
+        (None, None) => Route::None,
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct StatusRow {
+    pub key: Key,
+    pub author: String,
+    pub observed_generation: i64,
+    pub seq: i64,
+    pub revision: i64,
+    pub status: Value,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug)]
+pub struct DpuRow {
+    pub serial: String,
+    pub ready: bool,
+    pub last_heartbeat: DateTime<Utc>,
+    pub lease_duration_ms: i64,
+    pub applied_revision: i64,
+    pub registered_at: DateTime<Utc>,
+}
+
+impl DpuRow {
+    pub fn lease(&self) -> Lease {
+        Lease {
+            ready: self.ready,
+            last_heartbeat: self.last_heartbeat,
+            lease_duration_ms: self.lease_duration_ms,
+            applied_revision: self.applied_revision,
+        }
+    }
+}
+
+/// Everything a batch writes, applied by the backend in one transaction.
+#[derive(Debug, Default)]
+pub struct Flush {
+    pub objects: Vec<ObjectRow>,
+    pub routes: Vec<Route>,
+    /// Keys whose every status row goes (revived tombstones, deleted Dpus).
+    pub purge_statuses: Vec<Key>,
+    pub statuses: Vec<StatusRow>,
+    pub delete_statuses: Vec<(Key, String)>,
+    pub log: Vec<crate::model::event::Event>,
+    /// Netdevs whose allocation changed: every row of theirs goes, then `allocations` go in.
+    pub release_allocations: Vec<(String, String)>,
+    pub allocations: Vec<Allocation>,
+    pub pool_offsets: Vec<(String, u128)>,
+    pub dpus: Vec<DpuRow>,
+    pub delete_dpus: Vec<String>,
+    pub head: i64,
+    pub compact_to: Option<i64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Allocation {
+    pub network: String,
+    pub address: String,
+    pub namespace: String,
+    pub name: String,
+    pub revision: i64,
+}
+
+/// Results of compaction.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Compacted {
+    pub compacted_revision: i64,
+    pub log_entries_removed: u64,
+    pub tombstones_removed: u64,
+}
+
+// ---- write requests and outcomes ----
+
+#[derive(Debug)]
+pub struct ApplyRequest {
+    pub input: ObjectInput,
+    /// Non-zero: refuse unless the stored generation equals it.
+    pub expected_generation: i64,
+    /// Certificate identity of the writer.
+    pub author: String,
+    /// A host may only write Netdevs of its own node: the node name.
+    pub node: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ApplyOutcome {
+    pub object: StoredObject,
+    pub changed: bool,
+}
+
+#[derive(Debug)]
+pub struct DeleteRequest {
+    pub key: Key,
+    pub uid: Option<Uuid>,
+    pub expected_generation: i64,
+    pub author: String,
+    pub node: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeleteOutcome {
+    pub revision: i64,
+    pub existed: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct StatusWrite {
+    pub key: Key,
+    pub observed_generation: i64,
+    pub seq: i64,
+    /// None: the object was removed from the author's dataplane.
+    pub body: Option<Value>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusOutcome {
+    Accepted(i64),
+    Stale,
+    NotFound,
+    Unchanged,
+}
+
+#[derive(Debug)]
+pub struct RegisterRequest {
+    pub serial: String,
+    pub labels: Labels,
+    pub spec: pb::DpuSpec,
+    pub inventory: pb::DpuInventory,
+}
+
+#[derive(Clone, Debug)]
+pub struct RegisterOutcome {
+    pub object: StoredObject,
+    pub last_status_seq: i64,
+}
