@@ -6,10 +6,7 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
-const BROKER_PROTOS: &[&str] = &[
-    "proto/xpu/broker/v1/resources.proto",
-    "proto/xpu/broker/v1/broker.proto",
-];
+const BROKER_PROTOS: &[&str] = &["proto/xpu/broker/v1/resources.proto", "proto/xpu/broker/v1/broker.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
@@ -23,8 +20,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .emit_rerun_if_changed(false)
         .compile_fds(fds)?;
-    pbjson_build::Builder::new()
-        .register_descriptors(&descriptor_bytes)?
-        .build(&[".xpu.broker.v1"])?;
+    pbjson_build::Builder::new().register_descriptors(&descriptor_bytes)?.build(&[".xpu.broker.v1"])?;
     Ok(())
 }

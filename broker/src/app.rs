@@ -113,8 +113,10 @@ impl App {
         ];
         tasks.push(tokio::spawn(sweep_leases(store.clone(), config.service.lease_duration)));
         tasks.push(tokio::spawn(compact(store.clone(), config.service.log_retention, config.compaction_interval)));
-        let grpc = TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding {}", config.grpc_addr))?;
-        let http = TcpListener::bind(config.http_addr).await.with_context(|| format!("binding {}", config.http_addr))?;
+        let grpc =
+            TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding {}", config.grpc_addr))?;
+        let http =
+            TcpListener::bind(config.http_addr).await.with_context(|| format!("binding {}", config.http_addr))?;
         let ctx = Context { store, hub, config: Arc::new(config.service.clone()) };
         Ok(App { grpc, http, ctx, tls, config, background: Background(tasks) })
     }
@@ -181,13 +183,17 @@ async fn compact(store: Store, retention: i64, every: Duration) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        let Ok((head, compacted)) = store.head().await else { continue };
+        let Ok((head, compacted)) = store.head().await else {
+            continue;
+        };
         let target = head - retention;
         let mut at = compacted;
         while at < target {
             at = (at + SLICE).min(target);
             match store.compact(at).await {
-                Ok(c) => tracing::debug!(compacted = c.compacted_revision, removed = c.log_entries_removed, "compacted"),
+                Ok(c) => {
+                    tracing::debug!(compacted = c.compacted_revision, removed = c.log_entries_removed, "compacted")
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "compaction failed");
                     break;

@@ -16,7 +16,11 @@ use crate::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "xpu-broker", version, about = "The xpu-broker control plane: store, sync and status of DPU networking")]
+#[command(
+    name = "xpu-broker",
+    version,
+    about = "The xpu-broker control plane: store, sync and status of DPU networking"
+)]
 pub struct Args {
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `xpu_broker=debug`.
     #[arg(long, env = "XPU_LOG", default_value = "info", global = true)]

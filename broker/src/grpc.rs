@@ -25,9 +25,7 @@ use crate::{
 
 /// The caller's identity from its verified client certificate.
 fn identity<T>(req: &Request<T>) -> Result<Identity, Status> {
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let certs = req.peer_certs().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
     let leaf = certs.first().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
     Identity::from_certificate(leaf.as_ref()).map_err(|e| {
         tracing::warn!(error = %e, "refused a client certificate");

@@ -18,14 +18,20 @@ use std::{
 use tokio::sync::mpsc;
 
 use crate::{
-    model::{Key, Kind, Labels, Route, event::{ChangeKind, Event}},
+    model::{
+        Key, Kind, Labels, Route,
+        event::{ChangeKind, Event},
+    },
     store::{Committed, LogFilter, Store},
 };
 
 #[derive(Clone, Debug)]
 pub enum Filter {
     /// A DPU's desired-state stream.
-    Dpu { serial: String, labels: Labels },
+    Dpu {
+        serial: String,
+        labels: Labels,
+    },
     Kinds(HashSet<Kind>),
     Key(Key),
 }
@@ -61,7 +67,9 @@ struct Registry {
 
 impl Registry {
     fn remove(&mut self, id: u64) {
-        let Some((filter, _)) = self.filters.remove(&id) else { return };
+        let Some((filter, _)) = self.filters.remove(&id) else {
+            return;
+        };
         match filter {
             Filter::Dpu { serial, .. } => {
                 if let Some(m) = self.by_dpu.get_mut(&serial) {
@@ -248,10 +256,8 @@ impl Hub {
                             for (id, (labels, sub)) in subs {
                                 let reaches = ev.route.reaches("", labels)
                                     || ev.prev_route.as_ref().is_some_and(|p| p.reaches("", labels));
-                                if reaches {
-                                    if let Offer::Dropped = offer(sub, Item::Event(Arc::clone(ev)), rev) {
-                                        dropped.push(*id);
-                                    }
+                                if reaches && let Offer::Dropped = offer(sub, Item::Event(Arc::clone(ev)), rev) {
+                                    dropped.push(*id);
                                 }
                             }
                         }
@@ -283,10 +289,10 @@ impl Hub {
         let mut reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         let mut dropped = Vec::new();
         for (id, (_, sub)) in &reg.filters {
-            if sub.state.last.load(Ordering::Acquire) < head {
-                if let Offer::Dropped = offer(sub, Item::Bookmark(head), head) {
-                    dropped.push(*id);
-                }
+            if sub.state.last.load(Ordering::Acquire) < head
+                && let Offer::Dropped = offer(sub, Item::Bookmark(head), head)
+            {
+                dropped.push(*id);
             }
         }
         for id in dropped {
@@ -381,7 +387,8 @@ async fn catch_up(hub: &Hub, store: &Store, target: i64) {
                 if events.is_empty() {
                     return;
                 }
-                let events: Vec<Arc<Event>> = events.into_iter().filter(|e| e.revision <= target).map(Arc::new).collect();
+                let events: Vec<Arc<Event>> =
+                    events.into_iter().filter(|e| e.revision <= target).map(Arc::new).collect();
                 if events.is_empty() {
                     return;
                 }

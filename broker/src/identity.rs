@@ -39,7 +39,8 @@ impl Identity {
                 Identity::Dpu(name.to_string())
             }
             ("host", []) => {
-                validate::dns_subdomain(name, "identity").map_err(|_| bad("a node name must be a DNS-1123 subdomain"))?;
+                validate::dns_subdomain(name, "identity")
+                    .map_err(|_| bad("a node name must be a DNS-1123 subdomain"))?;
                 Identity::Host(name.to_string())
             }
             ("admin", []) => {
@@ -55,7 +56,9 @@ impl Identity {
                 };
                 Identity::Cluster { name: name.to_string(), side }
             }
-            _ => return Err(bad("expected dpu/<serial>, host/<node>, cluster/<name>/tenant|infra or admin/<name>")),
+            _ => {
+                return Err(bad("expected dpu/<serial>, host/<node>, cluster/<name>/tenant|infra or admin/<name>"));
+            }
         };
         Ok(id)
     }
@@ -74,7 +77,9 @@ impl Identity {
         let san = cert
             .subject_alternative_name()
             .map_err(|_| Error::Unauthenticated("the client certificate has a malformed SAN extension".into()))?
-            .ok_or_else(|| Error::Unauthenticated("the client certificate has no SAN with an xpu:// identity".into()))?;
+            .ok_or_else(|| {
+                Error::Unauthenticated("the client certificate has no SAN with an xpu:// identity".into())
+            })?;
         let mut found = san.value.general_names.iter().filter_map(|n| match n {
             GeneralName::URI(u) => u.strip_prefix(SCHEME),
             _ => None,

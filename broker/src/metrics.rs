@@ -95,7 +95,12 @@ pub fn render(g: &Gauges) -> String {
     line("xpu_tls_handshake_failures_total", "Refused TLS handshakes.", "counter", load(&HANDSHAKE_FAILURES));
     line("xpu_lease_expirations_total", "DPU leases that lapsed.", "counter", load(&LEASES_LAPSED));
     line("xpu_streams_active", "Watch streams open on this process.", "gauge", g.streams.to_string());
-    line("xpu_streams_lagged_total", "Streams cut off because they fell behind.", "counter", g.streams_lagged.to_string());
+    line(
+        "xpu_streams_lagged_total",
+        "Streams cut off because they fell behind.",
+        "counter",
+        g.streams_lagged.to_string(),
+    );
     line("xpu_revision", "Last revision dispatched to streams.", "gauge", g.revision.to_string());
     ATTACH.render(&mut out, "xpu_attach_duration_seconds", "AttachNetdev round trip as the host sees it.");
     COMMIT.render(&mut out, "xpu_store_commit_duration_seconds", "Duration of one group commit.");

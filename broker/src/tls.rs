@@ -8,10 +8,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use rustls::{
-    RootCertStore, ServerConfig,
-    server::WebPkiClientVerifier,
-};
+use rustls::{RootCertStore, ServerConfig, server::WebPkiClientVerifier};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +98,9 @@ impl ReloadingConfig {
     pub fn reload_if_changed(&self) {
         let now = stamps(&self.paths);
         {
-            let Ok(mut old) = self.stamps.lock() else { return };
+            let Ok(mut old) = self.stamps.lock() else {
+                return;
+            };
             if *old == now {
                 return;
             }
@@ -112,7 +111,9 @@ impl ReloadingConfig {
                 self.current.store(config);
                 tracing::info!(cert = %self.paths.cert.display(), "reloaded TLS certificates");
             }
-            Err(e) => tracing::error!(error = %e, "new TLS files are unusable; keeping the previous ones"),
+            Err(e) => {
+                tracing::error!(error = %e, "new TLS files are unusable; keeping the previous ones")
+            }
         }
     }
 

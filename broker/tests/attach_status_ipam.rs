@@ -1,6 +1,8 @@
 //! The attach round trip, stale-status and stale-spec refusal, and broker IPAM, over the real
 //! gRPC API.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::{collections::HashSet, time::Duration};
@@ -52,10 +54,10 @@ async fn attach_returns_connected_once_the_dpu_reports(pool: PgPool) {
     // The agent receives the netdev (after its snapshot) with the broker-allocated address.
     let nd = loop {
         let ev = next_change(&mut desired, Duration::from_secs(5)).await.expect("desired change");
-        if let Some(E::Change(c)) = ev.event {
-            if c.r#type == pb::ChangeType::Spec as i32 {
-                break netdev_of(c.object.as_ref().unwrap());
-            }
+        if let Some(E::Change(c)) = ev.event
+            && c.r#type == pb::ChangeType::Spec as i32
+        {
+            break netdev_of(c.object.as_ref().unwrap());
         }
     };
     let nd_spec = nd.spec.clone().unwrap();
@@ -124,7 +126,12 @@ async fn attach_times_out_cleanly_and_fails_on_dpu_error(pool: PgPool) {
     let spec = mk_netdev_spec("dpu-a", 1, "node-1", "net-a");
     let started = std::time::Instant::now();
     let err = host
-        .attach_netdev(pb::AttachNetdevRequest { namespace: "pods".into(), spec: Some(spec.clone()), timeout_ms: 300, ..Default::default() })
+        .attach_netdev(pb::AttachNetdevRequest {
+            namespace: "pods".into(),
+            spec: Some(spec.clone()),
+            timeout_ms: 300,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
@@ -146,7 +153,12 @@ async fn attach_times_out_cleanly_and_fails_on_dpu_error(pool: PgPool) {
         .await
         .unwrap();
     let err = host
-        .attach_netdev(pb::AttachNetdevRequest { namespace: "pods".into(), spec: Some(spec), timeout_ms: 2000, ..Default::default() })
+        .attach_netdev(pb::AttachNetdevRequest {
+            namespace: "pods".into(),
+            spec: Some(spec),
+            timeout_ms: 2000,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
@@ -172,7 +184,8 @@ async fn stale_status_is_dropped_and_stale_spec_refused(pool: PgPool) {
     let r = admin.apply(pb::ApplyRequest { object: Some(changed.clone()), expected_generation: 1 }).await.unwrap();
     assert_eq!(netdev_of(r.get_ref().object.as_ref().unwrap()).metadata.unwrap().generation, 2);
     // A write based on generation 1 is now stale.
-    let err = admin.apply(pb::ApplyRequest { object: Some(changed.clone()), expected_generation: 1 }).await.unwrap_err();
+    let err =
+        admin.apply(pb::ApplyRequest { object: Some(changed.clone()), expected_generation: 1 }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Aborted);
     assert!(err.message().contains("generation 2"), "{}", err.message());
     // Same spec again: no change, no new generation.
@@ -185,17 +198,32 @@ async fn stale_status_is_dropped_and_stale_spec_refused(pool: PgPool) {
         reports: vec![report(k.clone(), generation, seq, netdev_status(phase, "10.5.0.2/24"))],
     };
     let outcome = |r: pb::ReportStatusResponse| pb::ReportOutcome::try_from(r.results[0].outcome).unwrap();
-    assert_eq!(outcome(agent.report_status(send(10, 2, "Connected")).await.unwrap().into_inner()), pb::ReportOutcome::Accepted);
+    assert_eq!(
+        outcome(agent.report_status(send(10, 2, "Connected")).await.unwrap().into_inner()),
+        pb::ReportOutcome::Accepted
+    );
     // Older sequence number: dropped.
     assert_eq!(outcome(agent.report_status(send(9, 2, "Error")).await.unwrap().into_inner()), pb::ReportOutcome::Stale);
     // Same sequence number again: dropped.
-    assert_eq!(outcome(agent.report_status(send(10, 2, "Error")).await.unwrap().into_inner()), pb::ReportOutcome::Stale);
+    assert_eq!(
+        outcome(agent.report_status(send(10, 2, "Error")).await.unwrap().into_inner()),
+        pb::ReportOutcome::Stale
+    );
     // Newer sequence but older observed generation: dropped.
-    assert_eq!(outcome(agent.report_status(send(11, 1, "Error")).await.unwrap().into_inner()), pb::ReportOutcome::Stale);
+    assert_eq!(
+        outcome(agent.report_status(send(11, 1, "Error")).await.unwrap().into_inner()),
+        pb::ReportOutcome::Stale
+    );
     // A generation the object never had: dropped.
-    assert_eq!(outcome(agent.report_status(send(12, 3, "Error")).await.unwrap().into_inner()), pb::ReportOutcome::Stale);
+    assert_eq!(
+        outcome(agent.report_status(send(12, 3, "Error")).await.unwrap().into_inner()),
+        pb::ReportOutcome::Stale
+    );
     // Identical status: nothing written.
-    assert_eq!(outcome(agent.report_status(send(13, 2, "Connected")).await.unwrap().into_inner()), pb::ReportOutcome::Unchanged);
+    assert_eq!(
+        outcome(agent.report_status(send(13, 2, "Connected")).await.unwrap().into_inner()),
+        pb::ReportOutcome::Unchanged
+    );
     let nd = get_netdev(&b, "pods", &name).await;
     let st = nd.status.unwrap();
     assert_eq!(st.phase, "Connected");
@@ -254,22 +282,15 @@ async fn concurrent_attaches_never_share_an_address_and_exhaustion_is_clear(pool
         .await
         .unwrap()
         .into_inner();
-    let addrs: Vec<String> = list
-        .items
-        .iter()
-        .map(|r| netdev_of(r).spec.unwrap().ipam.unwrap().address)
-        .collect();
+    let addrs: Vec<String> = list.items.iter().map(|r| netdev_of(r).spec.unwrap().ipam.unwrap().address).collect();
     assert_eq!(addrs.len(), 26);
     let unique: HashSet<&String> = addrs.iter().collect();
     assert_eq!(unique.len(), 26, "no address handed out twice: {addrs:?}");
     for bad in ["10.6.0.1/27", "10.6.0.10/27", "10.6.0.20/27", "10.6.0.21/27", "10.6.0.0/27", "10.6.0.31/27"] {
         assert!(!unique.contains(&bad.to_string()), "{bad} must never be handed out");
     }
-    let network = admin
-        .get(pb::GetRequest { key: Some(key(pb::Kind::XpuNetwork, "", "small")) })
-        .await
-        .unwrap()
-        .into_inner();
+    let network =
+        admin.get(pb::GetRequest { key: Some(key(pb::Kind::XpuNetwork, "", "small")) }).await.unwrap().into_inner();
     let Some(pb::resource::Kind::XpuNetwork(n)) = network.kind else { panic!() };
     assert_eq!(n.status.unwrap(), pb::XpuNetworkStatus { allocated: 26, capacity: 26 });
 
@@ -314,21 +335,40 @@ async fn host_mode_addresses_are_reserved_in_the_pool(pool: PgPool) {
     let mut spec = mk_netdev_spec("dpu-a", 0, "node-1", "net-a");
     spec.ipam = Some(pb::NetdevIpam { mode: "host".into(), address: "10.7.0.50/24".into(), gateway: String::new() });
     let err = host
-        .attach_netdev(pb::AttachNetdevRequest { namespace: "pods".into(), spec: Some(spec.clone()), timeout_ms: 1, ..Default::default() })
+        .attach_netdev(pb::AttachNetdevRequest {
+            namespace: "pods".into(),
+            spec: Some(spec.clone()),
+            timeout_ms: 1,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
     let mut other = mk_netdev_spec("dpu-a", 1, "node-1", "net-a");
     other.ipam = spec.ipam.clone();
     let err = host
-        .attach_netdev(pb::AttachNetdevRequest { namespace: "pods".into(), spec: Some(other), timeout_ms: 1, ..Default::default() })
+        .attach_netdev(pb::AttachNetdevRequest {
+            namespace: "pods".into(),
+            spec: Some(other),
+            timeout_ms: 1,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::AlreadyExists);
-    assert!(err.message().contains("10.7.0.50 of XpuNetwork net-a is in use by netdev pods/dpu-a-pf0-vf0"), "{}", err.message());
+    assert!(
+        err.message().contains("10.7.0.50 of XpuNetwork net-a is in use by netdev pods/dpu-a-pf0-vf0"),
+        "{}",
+        err.message()
+    );
     // The same id in another namespace is refused: one VF, one Netdev.
     let err = host
-        .attach_netdev(pb::AttachNetdevRequest { namespace: "other".into(), spec: Some(spec), timeout_ms: 1, ..Default::default() })
+        .attach_netdev(pb::AttachNetdevRequest {
+            namespace: "other".into(),
+            spec: Some(spec),
+            timeout_ms: 1,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");

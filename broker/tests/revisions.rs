@@ -2,6 +2,8 @@
 //! writers, replay equals the live stream, resume from a revision, compaction, tombstones, and
 //! several broker replicas on one database.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::{collections::BTreeMap, time::Duration};
@@ -14,7 +16,9 @@ use xpu_proto::broker::v1::{self as pb, watch_event::Event as E};
 type Seen = Vec<(i64, i32, String)>;
 
 fn describe(ev: &pb::WatchEvent) -> Option<(i64, i32, String)> {
-    let Some(E::Change(c)) = &ev.event else { return None };
+    let Some(E::Change(c)) = &ev.event else {
+        return None;
+    };
     let obj = c.object.as_ref()?;
     let key = xpu_broker::model::convert::resource_key(obj)?;
     Some((ev.revision, c.r#type, key.to_string()))
@@ -56,7 +60,8 @@ async fn concurrent_writers_commit_in_revision_order_and_replay_equals_live(pool
                 let name = format!("lb-{}", (w * 7 + i) % 25);
                 let resp = c.apply(apply_req(mk_lb(&name, 1 + (w * 40 + i) % 4000))).await.unwrap().into_inner();
                 if resp.changed {
-                    let meta = xpu_broker::model::convert::resource_meta(resp.object.as_ref().unwrap()).unwrap().clone();
+                    let meta =
+                        xpu_broker::model::convert::resource_meta(resp.object.as_ref().unwrap()).unwrap().clone();
                     revs.push(meta.revision);
                 }
             }
@@ -80,7 +85,8 @@ async fn concurrent_writers_commit_in_revision_order_and_replay_equals_live(pool
     // Replay from any revision equals the suffix of the live stream.
     // (since_revision 0 asks for a snapshot instead: covered elsewhere.)
     for from in [start + 1, start + 57, head - 3, head] {
-        let mut replay = admin.watch(pb::WatchRequest { kinds: vec![], since_revision: from }).await.unwrap().into_inner();
+        let mut replay =
+            admin.watch(pb::WatchRequest { kinds: vec![], since_revision: from }).await.unwrap().into_inner();
         let got = if from == head { vec![] } else { collect_until(&mut replay, head).await };
         let want: Seen = seen.iter().filter(|s| s.0 > from).cloned().collect();
         assert_eq!(got, want, "replay from {from}");
@@ -125,7 +131,12 @@ async fn resume_compaction_and_tombstones(pool: PgPool) {
         let spec = mk_netdev_spec("dpu-a", vf, "node-1", "net-a");
         created.push(spec.netdev_id.clone());
         let h = host.clone();
-        let req = pb::AttachNetdevRequest { namespace: "pods".into(), spec: Some(spec), timeout_ms: 50, ..Default::default() };
+        let req = pb::AttachNetdevRequest {
+            namespace: "pods".into(),
+            spec: Some(spec),
+            timeout_ms: 50,
+            ..Default::default()
+        };
         let mut h2 = h;
         let err = h2.attach_netdev(req).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "nobody reports status yet: {err:?}");
@@ -233,7 +244,8 @@ async fn two_replicas_on_one_database_stay_consistent(pool: PgPool) {
     // A watcher on replica B sees what replica A commits, in order.
     let mut admin_b = b.admin().await;
     let head = admin_b.fleet_status(pb::FleetStatusRequest {}).await.unwrap().into_inner().revision;
-    let mut watch_b = admin_b.watch(pb::WatchRequest { kinds: vec![], since_revision: head }).await.unwrap().into_inner();
+    let mut watch_b =
+        admin_b.watch(pb::WatchRequest { kinds: vec![], since_revision: head }).await.unwrap().into_inner();
     let mut admin_a = a.admin().await;
     for v in 0..20 {
         admin_a.apply(apply_req(mk_lb(&format!("lb-r{v}"), 100 + v))).await.unwrap();

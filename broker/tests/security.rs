@@ -1,6 +1,8 @@
 //! mTLS and authorization: who may connect, and what each identity may read and write. Every
 //! refusal leaves the store as it was.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;
@@ -36,15 +38,25 @@ async fn only_verified_certificates_with_one_identity_get_in(pool: PgPool) {
 
     // A certificate from another CA, with a valid-looking identity.
     let rogue = DevCa::generate("rogue CA").unwrap();
-    let pem = rogue.issue_client(&xpu_broker::identity::Identity::Admin("x".into()), &IssueOptions::valid_for_days(1)).unwrap();
+    let pem = rogue
+        .issue_client(&xpu_broker::identity::Identity::Admin("x".into()), &IssueOptions::valid_for_days(1))
+        .unwrap();
     admin_call_fails(&b, b.tls_for(Some(&pem), &ca)).await;
 
     // Expired and not yet valid.
     let now = time::OffsetDateTime::now_utc();
-    let expired = IssueOptions { not_before: now - time::Duration::days(10), not_after: now - time::Duration::days(1), is_ca: false };
+    let expired = IssueOptions {
+        not_before: now - time::Duration::days(10),
+        not_after: now - time::Duration::days(1),
+        is_ca: false,
+    };
     let pem = b.pki.ca.issue_client(&xpu_broker::identity::Identity::Admin("x".into()), &expired).unwrap();
     admin_call_fails(&b, b.tls_for(Some(&pem), &ca)).await;
-    let future = IssueOptions { not_before: now + time::Duration::days(1), not_after: now + time::Duration::days(10), is_ca: false };
+    let future = IssueOptions {
+        not_before: now + time::Duration::days(1),
+        not_after: now + time::Duration::days(10),
+        is_ca: false,
+    };
     let pem = b.pki.ca.issue_client(&xpu_broker::identity::Identity::Admin("x".into()), &future).unwrap();
     admin_call_fails(&b, b.tls_for(Some(&pem), &ca)).await;
 
@@ -125,9 +137,15 @@ async fn each_identity_reaches_only_its_own_objects(pool: PgPool) {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    let e = host_a.get_netdev(pb::GetNetdevRequest { namespace: "pods".into(), name: "dpu-b-pf0-vf0".into() }).await.unwrap_err();
+    let e = host_a
+        .get_netdev(pb::GetNetdevRequest { namespace: "pods".into(), name: "dpu-b-pf0-vf0".into() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let e = host_a.detach_netdev(pb::DetachNetdevRequest { namespace: "pods".into(), name: "dpu-b-pf0-vf0".into() }).await.unwrap_err();
+    let e = host_a
+        .detach_netdev(pb::DetachNetdevRequest { namespace: "pods".into(), name: "dpu-b-pf0-vf0".into() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 
     // A tenant cluster cannot write fabric kinds or read DPUs; an infra cluster cannot write Netdevs.
@@ -135,10 +153,7 @@ async fn each_identity_reaches_only_its_own_objects(pool: PgPool) {
     let e = tenant.apply(apply_req(mk_lb("lb-x", 20))).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert_eq!(e.message(), "cluster/east/tenant may not write LogicalBridge objects; it owns Netdev, FlowPolicy");
-    let e = tenant
-        .watch(pb::WatchRequest { kinds: vec![pb::Kind::Dpu as i32], since_revision: 0 })
-        .await
-        .unwrap_err();
+    let e = tenant.watch(pb::WatchRequest { kinds: vec![pb::Kind::Dpu as i32], since_revision: 0 }).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let e = tenant
         .delete(pb::DeleteRequest { key: Some(key(pb::Kind::XpuNetwork, "", "net-a")), ..Default::default() })
@@ -160,8 +175,10 @@ async fn each_identity_reaches_only_its_own_objects(pool: PgPool) {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let mut dpu_as_cluster = xpu_proto::broker::v1::sync_service_client::SyncServiceClient::new(b.channel("dpu/dpu-a").await);
-    let e = dpu_as_cluster.list(pb::ListRequest { kind: pb::Kind::Netdev as i32, ..Default::default() }).await.unwrap_err();
+    let mut dpu_as_cluster =
+        xpu_proto::broker::v1::sync_service_client::SyncServiceClient::new(b.channel("dpu/dpu-a").await);
+    let e =
+        dpu_as_cluster.list(pb::ListRequest { kind: pb::Kind::Netdev as i32, ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 
     assert_eq!(head(&b).await, before, "no refused request wrote anything");

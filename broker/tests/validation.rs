@@ -1,5 +1,7 @@
 //! Every class of bad input gets INVALID_ARGUMENT naming the field, and writes nothing.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;
@@ -11,11 +13,15 @@ async fn head(b: &TestBroker) -> i64 {
 }
 
 fn lb(name: &str, spec: pb::LogicalBridgeSpec) -> pb::Resource {
-    pb::Resource { kind: Some(R::LogicalBridge(pb::LogicalBridge { metadata: meta(name, ""), spec: Some(spec), status: None })) }
+    pb::Resource {
+        kind: Some(R::LogicalBridge(pb::LogicalBridge { metadata: meta(name, ""), spec: Some(spec), status: None })),
+    }
 }
 
 fn network(spec: pb::XpuNetworkSpec) -> pb::Resource {
-    pb::Resource { kind: Some(R::XpuNetwork(pb::XpuNetwork { metadata: meta("net-x", ""), spec: Some(spec), status: None })) }
+    pb::Resource {
+        kind: Some(R::XpuNetwork(pb::XpuNetwork { metadata: meta("net-x", ""), spec: Some(spec), status: None })),
+    }
 }
 
 fn netdev(ns: &str, name: &str, f: impl FnOnce(&mut pb::NetdevSpec)) -> pb::Resource {
@@ -60,23 +66,50 @@ async fn bad_objects_are_refused_naming_the_field(pool_: PgPool) {
         // unknown kind / missing parts
         ("object", pb::Resource { kind: None }),
         ("spec", pb::Resource { kind: Some(R::Vrf(pb::Vrf { metadata: meta("v", ""), spec: None, status: None })) }),
-        ("metadata", pb::Resource { kind: Some(R::Vrf(pb::Vrf { metadata: None, spec: Some(Default::default()), status: None })) }),
+        (
+            "metadata",
+            pb::Resource {
+                kind: Some(R::Vrf(pb::Vrf { metadata: None, spec: Some(Default::default()), status: None })),
+            },
+        ),
         // VLAN / VNI ranges
         ("spec.vlanId", lb("lb-v", pb::LogicalBridgeSpec { vlan_id: 0, ..Default::default() })),
         ("spec.vlanId", lb("lb-v", pb::LogicalBridgeSpec { vlan_id: 4095, ..Default::default() })),
         ("spec.vni", lb("lb-v", pb::LogicalBridgeSpec { vlan_id: 5, vni: Some(1 << 24), ..Default::default() })),
         ("spec.vni", lb("lb-v", pb::LogicalBridgeSpec { vlan_id: 5, vni: Some(0), ..Default::default() })),
         // addresses, prefixes
-        ("spec.vtepIpPrefix", lb("lb-v", pb::LogicalBridgeSpec { vlan_id: 5, vtep_ip_prefix: "10.0.0.1".into(), ..Default::default() })),
+        (
+            "spec.vtepIpPrefix",
+            lb("lb-v", pb::LogicalBridgeSpec { vlan_id: 5, vtep_ip_prefix: "10.0.0.1".into(), ..Default::default() }),
+        ),
         ("spec.ipam.cidr", network(pb::XpuNetworkSpec { ipam: pool("10.0.0.0/33", ""), ..Default::default() })),
         ("spec.ipam.cidr", network(pb::XpuNetworkSpec { ipam: pool("10.0.0.1/24", ""), ..Default::default() })),
-        ("spec.ipam.gateway", network(pb::XpuNetworkSpec { ipam: pool("10.0.0.0/24", "10.0.0.256"), ..Default::default() })),
-        ("spec.ipam.gateway", network(pb::XpuNetworkSpec { ipam: pool("10.0.0.0/24", "10.0.1.1"), ..Default::default() })),
-        ("spec.ipam.exclude[0]", network(pb::XpuNetworkSpec {
-            ipam: Some(pb::IpPool { cidr: "10.0.0.0/24".into(), exclude: vec!["fd00::1".into()], ..Default::default() }),
-            ..Default::default()
-        })),
-        ("spec.routes[0].dst", network(pb::XpuNetworkSpec { routes: vec![pb::Route { dst: "x".into(), gw: String::new() }], ..Default::default() })),
+        (
+            "spec.ipam.gateway",
+            network(pb::XpuNetworkSpec { ipam: pool("10.0.0.0/24", "10.0.0.256"), ..Default::default() }),
+        ),
+        (
+            "spec.ipam.gateway",
+            network(pb::XpuNetworkSpec { ipam: pool("10.0.0.0/24", "10.0.1.1"), ..Default::default() }),
+        ),
+        (
+            "spec.ipam.exclude[0]",
+            network(pb::XpuNetworkSpec {
+                ipam: Some(pb::IpPool {
+                    cidr: "10.0.0.0/24".into(),
+                    exclude: vec!["fd00::1".into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        ),
+        (
+            "spec.routes[0].dst",
+            network(pb::XpuNetworkSpec {
+                routes: vec![pb::Route { dst: "x".into(), gw: String::new() }],
+                ..Default::default()
+            }),
+        ),
         ("spec.mtu", network(pb::XpuNetworkSpec { mtu: 20, ..Default::default() })),
         ("spec.portType", network(pb::XpuNetworkSpec { port_type: "hybrid".into(), ..Default::default() })),
         // MACs and netdev fields
@@ -86,75 +119,156 @@ async fn bad_objects_are_refused_naming_the_field(pool_: PgPool) {
         ("spec.netdevId", netdev("pods", "dpu-a-vf9", |s| s.netdev_id = "dpu-a-vf9".into())),
         ("spec.backend", netdev("pods", id, |s| s.backend = "sf".into())),
         ("spec.hostname", netdev("pods", id, |s| s.hostname = "Node_1".into())),
-        ("spec.ipam.mode", netdev("pods", id, |s| s.ipam = Some(pb::NetdevIpam { mode: "dhcp".into(), ..Default::default() }))),
-        ("spec.ipam.address", netdev("pods", id, |s| s.ipam = Some(pb::NetdevIpam { mode: "host".into(), ..Default::default() }))),
-        ("spec.podRef.interface", netdev("pods", id, |s| s.pod_ref = Some(pb::PodRef { interface: "a/b".into(), ..Default::default() }))),
+        (
+            "spec.ipam.mode",
+            netdev("pods", id, |s| s.ipam = Some(pb::NetdevIpam { mode: "dhcp".into(), ..Default::default() })),
+        ),
+        (
+            "spec.ipam.address",
+            netdev("pods", id, |s| s.ipam = Some(pb::NetdevIpam { mode: "host".into(), ..Default::default() })),
+        ),
+        (
+            "spec.podRef.interface",
+            netdev("pods", id, |s| s.pod_ref = Some(pb::PodRef { interface: "a/b".into(), ..Default::default() })),
+        ),
         // references to missing objects
         ("spec.network", netdev("pods", id, |s| s.network = "nope".into())),
         ("spec.logicalBridges[0]", netdev("pods", id, |s| s.logical_bridges = vec!["lb-missing".into()])),
-        ("spec.logicalBridges[0]", network(pb::XpuNetworkSpec { logical_bridges: vec!["lb-missing".into()], ..Default::default() })),
-        ("spec.vrf", pb::Resource { kind: Some(R::Svi(pb::Svi {
-            metadata: meta("svi-1", ""),
-            spec: Some(pb::SviSpec { vrf: "red".into(), logical_bridge: "lb-10".into(), gw_ip_prefix: vec!["10.9.0.1/24".into()], ..Default::default() }),
-            status: None,
-        })) }),
-        ("spec.gwIpPrefix", pb::Resource { kind: Some(R::Svi(pb::Svi {
-            metadata: meta("svi-1", ""),
-            spec: Some(pb::SviSpec { vrf: "red".into(), logical_bridge: "lb-10".into(), ..Default::default() }),
-            status: None,
-        })) }),
-        ("spec.loopbackIpPrefix", pb::Resource { kind: Some(R::Vrf(pb::Vrf { metadata: meta("red", ""), spec: Some(Default::default()), status: None })) }),
-        // flow rules
-        ("spec.rules[0].dstPorts[0]", pb::Resource { kind: Some(R::FlowPolicy(pb::FlowPolicy {
-            metadata: meta("fp", "pods"),
-            spec: Some(pb::FlowPolicySpec { rules: vec![pb::FlowRule {
-                name: "r".into(), action: "deny".into(), protocol: "tcp".into(),
-                dst_ports: vec![pb::PortRange { from: 0, to: 0 }], ..Default::default()
-            }], ..Default::default() }),
-            status: None,
-        })) }),
-        ("spec.rules[0].action", pb::Resource { kind: Some(R::FlowPolicy(pb::FlowPolicy {
-            metadata: meta("fp", "pods"),
-            spec: Some(pb::FlowPolicySpec { rules: vec![pb::FlowRule { name: "r".into(), action: "drop".into(), ..Default::default() }], ..Default::default() }),
-            status: None,
-        })) }),
-        // sizes
-        ("spec", pb::Resource { kind: Some(R::FlowPolicy(pb::FlowPolicy {
-            metadata: meta("fp", "pods"),
-            spec: Some(pb::FlowPolicySpec {
-                rules: (0..1000)
-                    .map(|i| pb::FlowRule {
-                        name: format!("rule-{i}-{}", "x".repeat(50)),
-                        action: "allow".into(),
-                        src_prefix: "10.0.0.0/8".into(),
-                        dst_prefix: "192.168.0.0/16".into(),
+        (
+            "spec.logicalBridges[0]",
+            network(pb::XpuNetworkSpec { logical_bridges: vec!["lb-missing".into()], ..Default::default() }),
+        ),
+        (
+            "spec.vrf",
+            pb::Resource {
+                kind: Some(R::Svi(pb::Svi {
+                    metadata: meta("svi-1", ""),
+                    spec: Some(pb::SviSpec {
+                        vrf: "red".into(),
+                        logical_bridge: "lb-10".into(),
+                        gw_ip_prefix: vec!["10.9.0.1/24".into()],
                         ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            }),
-            status: None,
-        })) }),
-        ("spec.dpuSelector.matchLabels", lb("lb-big", pb::LogicalBridgeSpec {
-            vlan_id: 5,
-            dpu_selector: Some(pb::LabelSelector { match_labels: (0..65).map(|i| (format!("k{i}"), "v".into())).collect() }),
-            ..Default::default()
-        })),
-        ("spec.rules", pb::Resource { kind: Some(R::FlowPolicy(pb::FlowPolicy {
-            metadata: meta("fp", "pods"),
-            spec: Some(pb::FlowPolicySpec {
-                rules: (0..1025).map(|i| pb::FlowRule { name: format!("r{i}"), action: "allow".into(), ..Default::default() }).collect(),
-                ..Default::default()
-            }),
-            status: None,
-        })) }),
+                    }),
+                    status: None,
+                })),
+            },
+        ),
+        (
+            "spec.gwIpPrefix",
+            pb::Resource {
+                kind: Some(R::Svi(pb::Svi {
+                    metadata: meta("svi-1", ""),
+                    spec: Some(pb::SviSpec { vrf: "red".into(), logical_bridge: "lb-10".into(), ..Default::default() }),
+                    status: None,
+                })),
+            },
+        ),
+        (
+            "spec.loopbackIpPrefix",
+            pb::Resource {
+                kind: Some(R::Vrf(pb::Vrf { metadata: meta("red", ""), spec: Some(Default::default()), status: None })),
+            },
+        ),
+        // flow rules
+        (
+            "spec.rules[0].dstPorts[0]",
+            pb::Resource {
+                kind: Some(R::FlowPolicy(pb::FlowPolicy {
+                    metadata: meta("fp", "pods"),
+                    spec: Some(pb::FlowPolicySpec {
+                        rules: vec![pb::FlowRule {
+                            name: "r".into(),
+                            action: "deny".into(),
+                            protocol: "tcp".into(),
+                            dst_ports: vec![pb::PortRange { from: 0, to: 0 }],
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }),
+                    status: None,
+                })),
+            },
+        ),
+        (
+            "spec.rules[0].action",
+            pb::Resource {
+                kind: Some(R::FlowPolicy(pb::FlowPolicy {
+                    metadata: meta("fp", "pods"),
+                    spec: Some(pb::FlowPolicySpec {
+                        rules: vec![pb::FlowRule { name: "r".into(), action: "drop".into(), ..Default::default() }],
+                        ..Default::default()
+                    }),
+                    status: None,
+                })),
+            },
+        ),
+        // sizes
+        (
+            "spec",
+            pb::Resource {
+                kind: Some(R::FlowPolicy(pb::FlowPolicy {
+                    metadata: meta("fp", "pods"),
+                    spec: Some(pb::FlowPolicySpec {
+                        rules: (0..1000)
+                            .map(|i| pb::FlowRule {
+                                name: format!("rule-{i}-{}", "x".repeat(50)),
+                                action: "allow".into(),
+                                src_prefix: "10.0.0.0/8".into(),
+                                dst_prefix: "192.168.0.0/16".into(),
+                                ..Default::default()
+                            })
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    status: None,
+                })),
+            },
+        ),
+        (
+            "spec.dpuSelector.matchLabels",
+            lb(
+                "lb-big",
+                pb::LogicalBridgeSpec {
+                    vlan_id: 5,
+                    dpu_selector: Some(pb::LabelSelector {
+                        match_labels: (0..65).map(|i| (format!("k{i}"), "v".into())).collect(),
+                    }),
+                    ..Default::default()
+                },
+            ),
+        ),
+        (
+            "spec.rules",
+            pb::Resource {
+                kind: Some(R::FlowPolicy(pb::FlowPolicy {
+                    metadata: meta("fp", "pods"),
+                    spec: Some(pb::FlowPolicySpec {
+                        rules: (0..1025)
+                            .map(|i| pb::FlowRule {
+                                name: format!("r{i}"),
+                                action: "allow".into(),
+                                ..Default::default()
+                            })
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    status: None,
+                })),
+            },
+        ),
     ];
     for (field, res) in cases {
         let err = admin.apply(apply_req(res)).await.expect_err(field);
         assert_invalid(&err, field);
     }
     // Dpu objects are the broker's to write.
-    let dpu = pb::Resource { kind: Some(R::Dpu(pb::Dpu { metadata: meta("dpu-z", ""), spec: Some(pb::DpuSpec { serial: "dpu-z".into(), ..Default::default() }), status: None })) };
+    let dpu = pb::Resource {
+        kind: Some(R::Dpu(pb::Dpu {
+            metadata: meta("dpu-z", ""),
+            spec: Some(pb::DpuSpec { serial: "dpu-z".into(), ..Default::default() }),
+            status: None,
+        })),
+    };
     let e = admin.apply(apply_req(dpu)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     assert_eq!(head(&b).await, before, "nothing was written");
@@ -171,17 +285,33 @@ async fn bad_requests_are_refused_naming_the_field(pool_: PgPool) {
     let before = head(&b).await;
 
     // Keys and kinds.
-    let e = admin.get(pb::GetRequest { key: Some(pb::ObjectKey { kind: 99, namespace: String::new(), name: "x".into() }) }).await.unwrap_err();
+    let e = admin
+        .get(pb::GetRequest { key: Some(pb::ObjectKey { kind: 99, namespace: String::new(), name: "x".into() }) })
+        .await
+        .unwrap_err();
     assert_invalid(&e, "key.kind");
     let e = admin.get(pb::GetRequest { key: Some(key(pb::Kind::Unspecified, "", "x")) }).await.unwrap_err();
     assert_invalid(&e, "key.kind");
     let e = admin.get(pb::GetRequest { key: None }).await.unwrap_err();
     assert_invalid(&e, "key");
-    let e = admin.delete(pb::DeleteRequest { key: Some(key(pb::Kind::Netdev, "pods", "x")), uid: "not-a-uuid".into(), expected_generation: 0 }).await.unwrap_err();
+    let e = admin
+        .delete(pb::DeleteRequest {
+            key: Some(key(pb::Kind::Netdev, "pods", "x")),
+            uid: "not-a-uuid".into(),
+            expected_generation: 0,
+        })
+        .await
+        .unwrap_err();
     assert_invalid(&e, "uid");
-    let e = admin.list(pb::ListRequest { kind: pb::Kind::Netdev as i32, limit: 100_000, ..Default::default() }).await.unwrap_err();
+    let e = admin
+        .list(pb::ListRequest { kind: pb::Kind::Netdev as i32, limit: 100_000, ..Default::default() })
+        .await
+        .unwrap_err();
     assert_invalid(&e, "limit");
-    let e = admin.list(pb::ListRequest { kind: pb::Kind::Netdev as i32, continue_token: "zz".into(), ..Default::default() }).await.unwrap_err();
+    let e = admin
+        .list(pb::ListRequest { kind: pb::Kind::Netdev as i32, continue_token: "zz".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_invalid(&e, "continueToken");
     let e = admin.watch(pb::WatchRequest { kinds: vec![42], since_revision: 0 }).await.unwrap_err();
     assert_invalid(&e, "kinds[0]");
@@ -196,12 +326,21 @@ async fn bad_requests_are_refused_naming_the_field(pool_: PgPool) {
     assert_invalid(&e, "reports[0].status.phase");
     let e = agent.report_status(send(report(k.clone(), 1, 0, netdev_status("Connected", "")))).await.unwrap_err();
     assert_invalid(&e, "reports[0].seq");
-    let e = agent.report_status(send(report(k.clone(), 1, 1, netdev_status("Connected", "10.1.1.1/99")))).await.unwrap_err();
+    let e = agent
+        .report_status(send(report(k.clone(), 1, 1, netdev_status("Connected", "10.1.1.1/99"))))
+        .await
+        .unwrap_err();
     assert_invalid(&e, "reports[0].status.ip");
-    let e = agent.report_status(send(report(key(pb::Kind::XpuNetwork, "", "net-a"), 1, 1, netdev_status("Connected", "")))).await.unwrap_err();
+    let e = agent
+        .report_status(send(report(key(pb::Kind::XpuNetwork, "", "net-a"), 1, 1, netdev_status("Connected", ""))))
+        .await
+        .unwrap_err();
     assert_invalid(&e, "reports[0].key.kind");
     let mut wrong = report(k.clone(), 1, 1, netdev_status("Connected", ""));
-    wrong.status = Some(pb::status_report::Status::Object(pb::DpuObjectStatus { phase: "Programmed".into(), ..Default::default() }));
+    wrong.status = Some(pb::status_report::Status::Object(pb::DpuObjectStatus {
+        phase: "Programmed".into(),
+        ..Default::default()
+    }));
     assert_invalid(&agent.report_status(send(wrong)).await.unwrap_err(), "reports[0].status.netdev");
     let e = agent
         .report_status(pb::ReportStatusRequest {
@@ -214,17 +353,28 @@ async fn bad_requests_are_refused_naming_the_field(pool_: PgPool) {
     let e = agent.heartbeat(pb::HeartbeatRequest { serial: "dpu-a".into(), applied_revision: -5 }).await.unwrap_err();
     assert_invalid(&e, "appliedRevision");
     let e = agent
-        .register(pb::RegisterRequest { serial: "dpu-a".into(), tenant_node_name: "Node 1".into(), ..Default::default() })
+        .register(pb::RegisterRequest {
+            serial: "dpu-a".into(),
+            tenant_node_name: "Node 1".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_invalid(&e, "tenantNodeName");
 
     // Host requests.
     let mut host = b.host("node-1").await;
-    let e = host.attach_netdev(pb::AttachNetdevRequest { namespace: "pods".into(), spec: None, ..Default::default() }).await.unwrap_err();
+    let e = host
+        .attach_netdev(pb::AttachNetdevRequest { namespace: "pods".into(), spec: None, ..Default::default() })
+        .await
+        .unwrap_err();
     assert_invalid(&e, "spec");
     let e = host
-        .attach_netdev(pb::AttachNetdevRequest { namespace: "".into(), spec: Some(mk_netdev_spec("dpu-a", 1, "node-1", "net-a")), ..Default::default() })
+        .attach_netdev(pb::AttachNetdevRequest {
+            namespace: "".into(),
+            spec: Some(mk_netdev_spec("dpu-a", 1, "node-1", "net-a")),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_invalid(&e, "namespace");

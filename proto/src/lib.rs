@@ -11,7 +11,6 @@ pub mod broker {
         include!(concat!(env!("OUT_DIR"), "/xpu.broker.v1.serde.rs"));
 
         /// Encoded `FileDescriptorSet` of the broker API, for gRPC reflection.
-        pub const FILE_DESCRIPTOR_SET: &[u8] =
-            include_bytes!(concat!(env!("OUT_DIR"), "/xpu_broker_descriptor.bin"));
+        pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/xpu_broker_descriptor.bin"));
     }
 }

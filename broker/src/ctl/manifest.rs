@@ -32,8 +32,7 @@ pub fn parse(text: &str) -> Result<Vec<pb::Resource>, ManifestError> {
             let items = value.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
             for (j, item) in items.into_iter().enumerate() {
                 out.push(
-                    resource(item)
-                        .map_err(|m| ManifestError { doc: doc_no, message: format!("items[{j}]: {m}") })?,
+                    resource(item).map_err(|m| ManifestError { doc: doc_no, message: format!("items[{j}]: {m}") })?,
                 );
             }
         } else {
@@ -44,7 +43,9 @@ pub fn parse(text: &str) -> Result<Vec<pb::Resource>, ManifestError> {
 }
 
 fn resource(v: Value) -> Result<pb::Resource, String> {
-    let Value::Object(mut obj) = v else { return Err("is not an object".into()) };
+    let Value::Object(mut obj) = v else {
+        return Err("is not an object".into());
+    };
     let api = obj.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
     if api != API_VERSION {
         return Err(format!("apiVersion must be {API_VERSION}, got {api:?}"));
@@ -61,7 +62,9 @@ fn resource(v: Value) -> Result<pb::Resource, String> {
     let namespace = meta.get("namespace").and_then(Value::as_str).unwrap_or_default().to_string();
     let mut labels = std::collections::HashMap::new();
     if let Some(l) = meta.get("labels") {
-        let Value::Object(l) = l else { return Err("metadata.labels must be a map".into()) };
+        let Value::Object(l) = l else {
+            return Err("metadata.labels must be a map".into());
+        };
         for (k, v) in l {
             let v = v.as_str().ok_or_else(|| format!("metadata.labels[{k:?}] must be a string"))?;
             labels.insert(k.clone(), v.to_string());

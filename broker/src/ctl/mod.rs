@@ -170,7 +170,10 @@ fn print_objects(items: &[pb::Resource], output: Option<Output>) -> Result<(), C
         }
         Some(Output::Yaml) => {
             for item in items {
-                println!("---\n{}", serde_yaml_ng::to_string(&manifest::to_manifest(item)).unwrap_or_default().trim_end());
+                println!(
+                    "---\n{}",
+                    serde_yaml_ng::to_string(&manifest::to_manifest(item)).unwrap_or_default().trim_end()
+                );
             }
         }
         wide => print!("{}", output::render(&output::table(items, wide == Some(Output::Wide)))),
@@ -309,9 +312,15 @@ fn print_event(ev: &pb::WatchEvent, output: Option<Output>) {
                 "type": pb::ChangeType::try_from(c.r#type).map(|t| t.as_str_name()).unwrap_or("UNKNOWN"),
                 "object": c.object.as_ref().map(manifest::to_manifest),
             }),
-            Some(E::Bookmark(_)) => serde_json::json!({"revision": ev.revision, "type": "BOOKMARK"}),
-            Some(E::Resync(r)) => serde_json::json!({"revision": ev.revision, "type": "RESYNC", "reason": r.reason}),
-            Some(E::SnapshotEnd(_)) => serde_json::json!({"revision": ev.revision, "type": "SNAPSHOT_END"}),
+            Some(E::Bookmark(_)) => {
+                serde_json::json!({"revision": ev.revision, "type": "BOOKMARK"})
+            }
+            Some(E::Resync(r)) => {
+                serde_json::json!({"revision": ev.revision, "type": "RESYNC", "reason": r.reason})
+            }
+            Some(E::SnapshotEnd(_)) => {
+                serde_json::json!({"revision": ev.revision, "type": "SNAPSHOT_END"})
+            }
             None => return,
         };
         println!("{value}");

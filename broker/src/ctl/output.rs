@@ -6,7 +6,9 @@ use xpu_proto::broker::v1 as pb;
 use crate::model::convert::resource_meta;
 
 fn age(ts: &str) -> String {
-    let Ok(t) = DateTime::parse_from_rfc3339(ts) else { return "-".into() };
+    let Ok(t) = DateTime::parse_from_rfc3339(ts) else {
+        return "-".into();
+    };
     let secs = (Utc::now() - t.with_timezone(&Utc)).num_seconds().max(0);
     match secs {
         s if s < 120 => format!("{s}s"),
@@ -21,7 +23,9 @@ fn or_dash(s: &str) -> String {
 }
 
 fn ready(st: Option<&pb::FabricStatus>) -> (String, String) {
-    let Some(st) = st else { return ("-".into(), "0".into()) };
+    let Some(st) = st else {
+        return ("-".into(), "0".into());
+    };
     let cond = st.conditions.iter().find(|c| c.r#type == "Ready").map(|c| c.status.clone()).unwrap_or_default();
     (or_dash(&cond), st.dpus.len().to_string())
 }
@@ -39,7 +43,9 @@ pub fn table(items: &[pb::Resource], wide: bool) -> Vec<Vec<String>> {
             vec!["NAME", "LEASE", "PRODUCT", "AGENT", "DATAPLANE", "LAST-HEARTBEAT", "APPLIED-REV", "AGE"]
         }
         Some(R::Dpu(_)) => vec!["NAME", "LEASE", "PRODUCT", "AGENT", "AGE"],
-        Some(R::LogicalBridge(_)) => vec!["NAME", "VLAN", "VNI", "READY", "DPUS", "GENERATION", "AGE"],
+        Some(R::LogicalBridge(_)) => {
+            vec!["NAME", "VLAN", "VNI", "READY", "DPUS", "GENERATION", "AGE"]
+        }
         Some(R::Vrf(_)) => vec!["NAME", "VNI", "LOOPBACK", "READY", "DPUS", "GENERATION", "AGE"],
         Some(R::Svi(_)) => vec!["NAME", "VRF", "BRIDGE", "GATEWAYS", "READY", "DPUS", "AGE"],
         Some(R::XpuNetwork(_)) => vec!["NAME", "CIDR", "GATEWAY", "BRIDGES", "ALLOCATED", "CAPACITY", "AGE"],
@@ -55,8 +61,13 @@ pub fn table(items: &[pb::Resource], wide: bool) -> Vec<Vec<String>> {
                 let spec = o.spec.clone().unwrap_or_default();
                 let st = o.status.clone().unwrap_or_default();
                 let phase = if st.stale { format!("{} (stale)", st.phase) } else { st.phase.clone() };
-                let ip = if st.ip.is_empty() { spec.ipam.as_ref().map(|i| i.address.clone()).unwrap_or_default() } else { st.ip.clone() };
-                let mut r = vec![meta.namespace.clone(), meta.name.clone(), or_dash(&phase), or_dash(&ip), or_dash(&st.dpu)];
+                let ip = if st.ip.is_empty() {
+                    spec.ipam.as_ref().map(|i| i.address.clone()).unwrap_or_default()
+                } else {
+                    st.ip.clone()
+                };
+                let mut r =
+                    vec![meta.namespace.clone(), meta.name.clone(), or_dash(&phase), or_dash(&ip), or_dash(&st.dpu)];
                 if wide {
                     r.extend([
                         or_dash(&spec.hostname),
@@ -72,7 +83,12 @@ pub fn table(items: &[pb::Resource], wide: bool) -> Vec<Vec<String>> {
             Some(R::Dpu(o)) => {
                 let st = o.status.clone().unwrap_or_default();
                 let inv = st.inventory.clone().unwrap_or_default();
-                let mut r = vec![meta.name.clone(), or_dash(&st.lease_state), or_dash(&inv.product), or_dash(&inv.agent_version)];
+                let mut r = vec![
+                    meta.name.clone(),
+                    or_dash(&st.lease_state),
+                    or_dash(&inv.product),
+                    or_dash(&inv.agent_version),
+                ];
                 if wide {
                     r.extend([or_dash(&inv.dataplane), or_dash(&st.last_heartbeat), st.applied_revision.to_string()]);
                 }
@@ -112,7 +128,7 @@ pub fn table(items: &[pb::Resource], wide: bool) -> Vec<Vec<String>> {
             }
             Some(R::XpuNetwork(o)) => {
                 let spec = o.spec.clone().unwrap_or_default();
-                let st = o.status.clone().unwrap_or_default();
+                let st = o.status.unwrap_or_default();
                 let pool = spec.ipam.clone().unwrap_or_default();
                 vec![
                     meta.name.clone(),
@@ -127,7 +143,15 @@ pub fn table(items: &[pb::Resource], wide: bool) -> Vec<Vec<String>> {
             Some(R::FlowPolicy(o)) => {
                 let spec = o.spec.clone().unwrap_or_default();
                 let (rd, n) = ready(o.status.as_ref());
-                vec![meta.namespace.clone(), meta.name.clone(), spec.rules.len().to_string(), rd, n, meta.generation.to_string(), created]
+                vec![
+                    meta.namespace.clone(),
+                    meta.name.clone(),
+                    spec.rules.len().to_string(),
+                    rd,
+                    n,
+                    meta.generation.to_string(),
+                    created,
+                ]
             }
             None => continue,
         };

@@ -22,7 +22,9 @@ pub fn timestamp(t: DateTime<Utc>) -> String {
 pub fn input_from_resource(res: &pb::Resource, limits: &Limits) -> Result<ObjectInput> {
     use pb::resource::Kind as R;
     let (meta, spec) = match res.kind.as_ref() {
-        None => return Err(Error::invalid("object", "is required (one of the resource kinds)")),
+        None => {
+            return Err(Error::invalid("object", "is required (one of the resource kinds)"));
+        }
         Some(R::Dpu(o)) => (o.metadata.as_ref(), o.spec.clone().map(Spec::Dpu)),
         Some(R::Netdev(o)) => (o.metadata.as_ref(), o.spec.clone().map(Spec::Netdev)),
         Some(R::LogicalBridge(o)) => (o.metadata.as_ref(), o.spec.clone().map(Spec::LogicalBridge)),
@@ -117,11 +119,7 @@ fn ready_condition(generation: i64, dpus: &[pb::DpuObjectStatus]) -> pb::Conditi
 }
 
 fn fabric_status(obj: &StoredObject) -> Result<pb::FabricStatus> {
-    let dpus = obj
-        .statuses
-        .iter()
-        .map(|s| object_status(s, obj.key.kind))
-        .collect::<Result<Vec<_>>>()?;
+    let dpus = obj.statuses.iter().map(|s| object_status(s, obj.key.kind)).collect::<Result<Vec<_>>>()?;
     let conditions = vec![ready_condition(obj.generation, &dpus)];
     Ok(pb::FabricStatus { dpus, conditions })
 }

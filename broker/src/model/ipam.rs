@@ -53,10 +53,7 @@ impl Pool {
         } else {
             let gw = validate::ip(&spec.gateway, "spec.ipam.gateway")?;
             if !net.contains(&gw) {
-                return Err(Error::invalid(
-                    "spec.ipam.gateway",
-                    format!("{gw} is outside {}", spec.cidr),
-                ));
+                return Err(Error::invalid("spec.ipam.gateway", format!("{gw} is outside {}", spec.cidr)));
             }
             Some(gw)
         };
@@ -220,7 +217,11 @@ mod tests {
         let p = pool("fd00::/120", "fd00::1", &[]);
         assert_eq!(p.capacity(), 254);
         assert_eq!(p.candidates(0, 1)[0].0.to_string(), "fd00::2");
-        let bad = Pool::from_spec(&pb::IpPool { cidr: "10.0.0.0/24".into(), gateway: "10.0.1.1".into(), ..Default::default() });
+        let bad = Pool::from_spec(&pb::IpPool {
+            cidr: "10.0.0.0/24".into(),
+            gateway: "10.0.1.1".into(),
+            ..Default::default()
+        });
         assert!(matches!(bad, Err(Error::InvalidArgument { field, .. }) if field == "spec.ipam.gateway"));
         let bad = Pool::from_spec(&pb::IpPool { cidr: "10.0.0.1/24".into(), ..Default::default() });
         assert!(matches!(bad, Err(Error::InvalidArgument { field, .. }) if field == "spec.ipam.cidr"));

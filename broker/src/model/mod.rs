@@ -29,19 +29,11 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
-        Kind::Dpu,
-        Kind::Netdev,
-        Kind::LogicalBridge,
-        Kind::Vrf,
-        Kind::Svi,
-        Kind::XpuNetwork,
-        Kind::FlowPolicy,
-    ];
+    pub const ALL: [Kind; 7] =
+        [Kind::Dpu, Kind::Netdev, Kind::LogicalBridge, Kind::Vrf, Kind::Svi, Kind::XpuNetwork, Kind::FlowPolicy];
 
     /// Kinds realised on DPUs chosen by a `dpuSelector`, with one status per DPU.
-    pub const SELECTOR_ROUTED: [Kind; 4] =
-        [Kind::LogicalBridge, Kind::Vrf, Kind::Svi, Kind::FlowPolicy];
+    pub const SELECTOR_ROUTED: [Kind; 4] = [Kind::LogicalBridge, Kind::Vrf, Kind::Svi, Kind::FlowPolicy];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -147,11 +139,7 @@ impl Key {
     }
 
     pub fn to_proto(&self) -> pb::ObjectKey {
-        pb::ObjectKey {
-            kind: self.kind.to_proto() as i32,
-            namespace: self.namespace.clone(),
-            name: self.name.clone(),
-        }
+        pb::ObjectKey { kind: self.kind.to_proto() as i32, namespace: self.namespace.clone(), name: self.name.clone() }
     }
 }
 
@@ -171,10 +159,7 @@ pub struct Selector(pub Labels);
 
 impl Selector {
     pub fn from_proto(sel: Option<&pb::LabelSelector>) -> Selector {
-        Selector(
-            sel.map(|s| s.match_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                .unwrap_or_default(),
-        )
+        Selector(sel.map(|s| s.match_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default())
     }
 
     pub fn matches(&self, labels: &Labels) -> bool {

@@ -72,9 +72,7 @@ impl Spec {
 
     pub fn route(&self) -> Route {
         match self {
-            Spec::Netdev(s) => NetdevId::parse(&s.netdev_id)
-                .map(|id| Route::Dpu(id.serial))
-                .unwrap_or(Route::None),
+            Spec::Netdev(s) => NetdevId::parse(&s.netdev_id).map(|id| Route::Dpu(id.serial)).unwrap_or(Route::None),
             Spec::LogicalBridge(s) => Route::Selector(Selector::from_proto(s.dpu_selector.as_ref())),
             Spec::Vrf(s) => Route::Selector(Selector::from_proto(s.dpu_selector.as_ref())),
             Spec::Svi(s) => Route::Selector(Selector::from_proto(s.dpu_selector.as_ref())),

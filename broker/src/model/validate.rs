@@ -44,8 +44,8 @@ pub fn dns_label(value: &str, field: &str) -> Result<()> {
         return Err(Error::invalid(field, format!("{value:?} is longer than 63 characters")));
     }
     let ok_chars = value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    let ends_ok = value.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
+    let ends_ok =
+        value.starts_with(|c: char| c.is_ascii_alphanumeric()) && value.ends_with(|c: char| c.is_ascii_alphanumeric());
     if !ok_chars || !ends_ok {
         return Err(Error::invalid(
             field,
@@ -82,15 +82,14 @@ pub fn dns_subdomain(value: &str, field: &str) -> Result<()> {
 
 /// Validates a key's name and namespace against its kind's scope.
 pub fn key(key: &Key, field: &str) -> Result<()> {
-    let sub = |name: &str| if field.is_empty() { name.to_string() } else { format!("{field}.{name}") };
+    let sub = |name: &str| {
+        if field.is_empty() { name.to_string() } else { format!("{field}.{name}") }
+    };
     dns_subdomain(&key.name, &sub("name"))?;
     if key.kind.namespaced() {
         dns_label(&key.namespace, &sub("namespace"))
     } else if !key.namespace.is_empty() {
-        Err(Error::invalid(
-            sub("namespace"),
-            format!("{} is cluster-scoped and takes no namespace", key.kind),
-        ))
+        Err(Error::invalid(sub("namespace"), format!("{} is cluster-scoped and takes no namespace", key.kind)))
     } else {
         Ok(())
     }
@@ -121,8 +120,10 @@ fn label_key(key: &str, field: &str) -> Result<()> {
     if name.is_empty() || name.len() > 63 || !is_label_text(name) {
         return Err(Error::invalid(
             field,
-            format!("label key {key:?} must be an optional DNS prefix and a name of at most 63 \
-                     characters [A-Za-z0-9_.-], starting and ending alphanumeric"),
+            format!(
+                "label key {key:?} must be an optional DNS prefix and a name of at most 63 \
+                     characters [A-Za-z0-9_.-], starting and ending alphanumeric"
+            ),
         ));
     }
     Ok(())
@@ -135,8 +136,10 @@ fn label_value(value: &str, field: &str) -> Result<()> {
     if value.len() > 63 || !is_label_text(value) {
         return Err(Error::invalid(
             field,
-            format!("label value {value:?} must be at most 63 characters [A-Za-z0-9_.-], \
-                     starting and ending alphanumeric"),
+            format!(
+                "label value {value:?} must be at most 63 characters [A-Za-z0-9_.-], \
+                     starting and ending alphanumeric"
+            ),
         ));
     }
     Ok(())
@@ -150,9 +153,8 @@ fn is_label_text(s: &str) -> bool {
 
 /// Parses `aa:bb:cc:dd:ee:ff` (or with '-'), returning the normalized lowercase form.
 pub fn mac(value: &str, field: &str) -> Result<String> {
-    let bytes = parse_mac(value).ok_or_else(|| {
-        Error::invalid(field, format!("{value:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"))
-    })?;
+    let bytes = parse_mac(value)
+        .ok_or_else(|| Error::invalid(field, format!("{value:?} is not a MAC address (aa:bb:cc:dd:ee:ff)")))?;
     if bytes[0] & 1 == 1 {
         return Err(Error::invalid(field, format!("{value:?} is a multicast MAC address")));
     }
@@ -182,26 +184,21 @@ pub fn format_mac(bytes: [u8; 6]) -> String {
 }
 
 pub fn ip(value: &str, field: &str) -> Result<IpAddr> {
-    value
-        .parse::<IpAddr>()
-        .map_err(|_| Error::invalid(field, format!("{value:?} is not an IP address")))
+    value.parse::<IpAddr>().map_err(|_| Error::invalid(field, format!("{value:?} is not an IP address")))
 }
 
 /// An interface address in CIDR notation (host bits allowed, e.g. `10.0.0.5/24`).
 pub fn cidr(value: &str, field: &str) -> Result<IpNet> {
-    value.parse::<IpNet>().map_err(|_| {
-        Error::invalid(field, format!("{value:?} is not an address in CIDR notation (e.g. 10.0.0.0/24)"))
-    })
+    value
+        .parse::<IpNet>()
+        .map_err(|_| Error::invalid(field, format!("{value:?} is not an address in CIDR notation (e.g. 10.0.0.0/24)")))
 }
 
 /// A network prefix: like [`cidr`] but the host bits must be zero.
 pub fn prefix(value: &str, field: &str) -> Result<IpNet> {
     let net = cidr(value, field)?;
     if net.trunc() != net {
-        return Err(Error::invalid(
-            field,
-            format!("{value:?} has host bits set; did you mean {}?", net.trunc()),
-        ));
+        return Err(Error::invalid(field, format!("{value:?} has host bits set; did you mean {}?", net.trunc())));
     }
     Ok(net)
 }
@@ -219,9 +216,7 @@ const VNI_RANGE: std::ops::RangeInclusive<u32> = 1..=16_777_215;
 
 fn vni(value: Option<u32>, field: &str) -> Result<()> {
     match value {
-        Some(v) if !VNI_RANGE.contains(&v) => {
-            Err(Error::invalid(field, format!("{v} is outside 1..16777215")))
-        }
+        Some(v) if !VNI_RANGE.contains(&v) => Err(Error::invalid(field, format!("{v} is outside 1..16777215"))),
         _ => Ok(()),
     }
 }
@@ -251,10 +246,7 @@ fn selector(sel: Option<&pb::LabelSelector>, field: &str, limits: &Limits) -> Re
 
 pub fn netdev_spec(name: &str, spec: &pb::NetdevSpec, limits: &Limits) -> Result<NetdevId> {
     if spec.netdev_id != name {
-        return Err(Error::invalid(
-            "spec.netdevId",
-            format!("{:?} must equal metadata.name {name:?}", spec.netdev_id),
-        ));
+        return Err(Error::invalid("spec.netdevId", format!("{:?} must equal metadata.name {name:?}", spec.netdev_id)));
     }
     let id = NetdevId::parse(&spec.netdev_id).ok_or_else(|| {
         Error::invalid(
@@ -384,10 +376,7 @@ pub fn xpu_network_spec(spec: &pb::XpuNetworkSpec, limits: &Limits) -> Result<()
         one_of(&spec.port_type, &["access", "trunk"], "spec.portType")?;
     }
     if spec.port_type != "trunk" && spec.logical_bridges.len() > 1 {
-        return Err(Error::invalid(
-            "spec.logicalBridges",
-            "an access network has at most one logical bridge",
-        ));
+        return Err(Error::invalid("spec.logicalBridges", "an access network has at most one logical bridge"));
     }
     if let Some(pool) = &spec.ipam {
         super::ipam::Pool::from_spec(pool)?;
@@ -428,10 +417,10 @@ pub fn flow_policy_spec(spec: &pb::FlowPolicySpec, limits: &Limits) -> Result<()
         let dst = (!rule.dst_prefix.is_empty())
             .then(|| address_or_prefix(&rule.dst_prefix, &format!("{f}.dstPrefix")))
             .transpose()?;
-        if let (Some(s), Some(d)) = (src, dst) {
-            if s.addr().is_ipv4() != d.addr().is_ipv4() {
-                return Err(Error::invalid(format!("{f}.dstPrefix"), "mixes IPv4 and IPv6 with srcPrefix"));
-            }
+        if let (Some(s), Some(d)) = (src, dst)
+            && s.addr().is_ipv4() != d.addr().is_ipv4()
+        {
+            return Err(Error::invalid(format!("{f}.dstPrefix"), "mixes IPv4 and IPv6 with srcPrefix"));
         }
         bounded(&rule.dst_ports, limits.max_repeated, &format!("{f}.dstPorts"))?;
         if !rule.dst_ports.is_empty() && !matches!(protocol, "tcp" | "udp") {
@@ -462,11 +451,7 @@ pub fn size(json_len: usize, field: &str, limits: &Limits) -> Result<()> {
 }
 
 pub fn netdev_status(status: &pb::NetdevStatus) -> Result<()> {
-    one_of(
-        &status.phase,
-        &["Pending", "Connecting", "Connected", "Disconnected", "Error"],
-        "status.phase",
-    )?;
+    one_of(&status.phase, &["Pending", "Connecting", "Connected", "Disconnected", "Error"], "status.phase")?;
     if !status.ip.is_empty() {
         cidr(&status.ip, "status.ip")?;
     }

@@ -6,11 +6,7 @@ use super::{Context, watch};
 use crate::{
     error::{Error, Result},
     identity::Identity,
-    model::{
-        Key, Kind, Labels,
-        convert::resource_from_stored,
-        validate,
-    },
+    model::{Key, Kind, Labels, convert::resource_from_stored, validate},
     store::rows::{RegisterRequest, StatusOutcome, StatusWrite},
 };
 
@@ -109,7 +105,8 @@ fn status_body(report: &pb::StatusReport, kind: Kind, field: &str) -> Result<Opt
     if report.removed {
         return Ok(None);
     }
-    let encode = |v: serde_json::Result<serde_json::Value>| v.map_err(|e| Error::internal(format!("encoding status: {e}")));
+    let encode =
+        |v: serde_json::Result<serde_json::Value>| v.map_err(|e| Error::internal(format!("encoding status: {e}")));
     match (kind, report.status.as_ref()) {
         (Kind::Netdev, Some(Status::Netdev(s))) => {
             validate::netdev_status(s).map_err(|e| prefix(e, field))?;
@@ -166,9 +163,10 @@ pub async fn report_status(
                 format!("the status of {} objects is written by the broker", key.kind),
             ));
         }
-        let seq = i64::try_from(r.seq).ok().filter(|s| *s > 0).ok_or_else(|| {
-            Error::invalid(format!("{field}.seq"), "must be a positive 63-bit sequence number")
-        })?;
+        let seq = i64::try_from(r.seq)
+            .ok()
+            .filter(|s| *s > 0)
+            .ok_or_else(|| Error::invalid(format!("{field}.seq"), "must be a positive 63-bit sequence number"))?;
         if r.observed_generation < 0 {
             return Err(Error::invalid(format!("{field}.observedGeneration"), "must not be negative"));
         }

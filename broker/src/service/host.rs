@@ -70,21 +70,19 @@ pub async fn attach(ctx: &Context, id: &Identity, req: pb::AttachNetdevRequest) 
     if spec.hostname.is_empty() {
         spec.hostname = node.clone();
     } else if spec.hostname != node {
-        return Err(Error::PermissionDenied(format!(
-            "host {node} cannot attach netdevs of node {}",
-            spec.hostname
-        )));
+        return Err(Error::PermissionDenied(format!("host {node} cannot attach netdevs of node {}", spec.hostname)));
     }
     validate::dns_subdomain(&spec.netdev_id, "spec.netdevId")?;
     let labels: Labels = req.labels.into_iter().collect();
     let key = Key::new(Kind::Netdev, req.namespace.clone(), spec.netdev_id.clone());
-    let input = input(key.clone(), labels, Spec::Netdev(spec), &ctx.config.limits)
-        .map_err(|e| match e {
-            Error::InvalidArgument { field, reason } if field == "metadata.labels" || field.starts_with("metadata.labels[") => {
-                Error::InvalidArgument { field: field.replacen("metadata.", "", 1), reason }
-            }
-            other => other,
-        })?;
+    let input = input(key.clone(), labels, Spec::Netdev(spec), &ctx.config.limits).map_err(|e| match e {
+        Error::InvalidArgument { field, reason }
+            if field == "metadata.labels" || field.starts_with("metadata.labels[") =>
+        {
+            Error::InvalidArgument { field: field.replacen("metadata.", "", 1), reason }
+        }
+        other => other,
+    })?;
     let timeout = match req.timeout_ms {
         0 => ctx.config.attach_timeout,
         ms => Duration::from_millis(u64::from(ms)).min(ctx.config.max_attach_timeout),
@@ -99,9 +97,8 @@ pub async fn attach(ctx: &Context, id: &Identity, req: pb::AttachNetdevRequest) 
         .await?;
     let generation = outcome.object.generation;
     loop {
-        let obj = ctx.store.get(&key).await?.ok_or_else(|| {
-            Error::Aborted(format!("{key} was deleted while attaching"))
-        })?;
+        let obj =
+            ctx.store.get(&key).await?.ok_or_else(|| Error::Aborted(format!("{key} was deleted while attaching")))?;
         let nd = netdev_of(&obj)?;
         let phase = match progress(&nd, generation) {
             Progress::Connected => return respond(ctx, nd).await,
@@ -124,7 +121,9 @@ pub async fn attach(ctx: &Context, id: &Identity, req: pb::AttachNetdevRequest) 
                 Ok(Some(Item::Event(ev))) if ev.change == ChangeKind::Deleted => {
                     return Err(Error::Aborted(format!("{key} was deleted while attaching")));
                 }
-                Ok(Some(Item::Event(ev))) if ev.change == ChangeKind::Status && ev.observed_generation >= generation => {
+                Ok(Some(Item::Event(ev)))
+                    if ev.change == ChangeKind::Status && ev.observed_generation >= generation =>
+                {
                     break;
                 }
                 Ok(Some(_)) => {}

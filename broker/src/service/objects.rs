@@ -43,7 +43,13 @@ pub async fn delete(ctx: &Context, id: &Identity, req: pb::DeleteRequest) -> Res
     }
     let outcome = ctx
         .store
-        .delete(DeleteRequest { key, uid, expected_generation: req.expected_generation, author: id.to_string(), node: None })
+        .delete(DeleteRequest {
+            key,
+            uid,
+            expected_generation: req.expected_generation,
+            author: id.to_string(),
+            node: None,
+        })
         .await?;
     Ok(pb::DeleteResponse { revision: outcome.revision, existed: outcome.existed })
 }
@@ -76,7 +82,9 @@ pub async fn list(ctx: &Context, id: &Identity, req: pb::ListRequest) -> Result<
     let max = ctx.config.limits.max_list_items;
     let limit = match usize::try_from(req.limit).unwrap_or(usize::MAX) {
         0 => DEFAULT_LIST_LIMIT.min(max),
-        n if n > max => return Err(Error::invalid("limit", format!("{n} exceeds the maximum of {max}"))),
+        n if n > max => {
+            return Err(Error::invalid("limit", format!("{n} exceeds the maximum of {max}")));
+        }
         n => n,
     };
     let namespace = if req.namespace.is_empty() {

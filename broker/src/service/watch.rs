@@ -74,12 +74,9 @@ impl Watch {
 
     async fn load_labels(&mut self) -> Result<()> {
         if let Scope::Dpu(serial) = &self.scope {
-            self.labels = self
-                .ctx
-                .store
-                .dpu_labels(serial)
-                .await?
-                .ok_or_else(|| Error::FailedPrecondition(format!("dpu {serial} is not registered; call Register first")))?;
+            self.labels = self.ctx.store.dpu_labels(serial).await?.ok_or_else(|| {
+                Error::FailedPrecondition(format!("dpu {serial} is not registered; call Register first"))
+            })?;
         }
         Ok(())
     }
@@ -147,12 +144,14 @@ impl Watch {
         if ev.revision <= self.pos {
             return Ok(());
         }
-        if let (Scope::Dpu(serial), Kind::Dpu) = (&self.scope, ev.key.kind) {
-            if ev.key.name == *serial && ev.change == ChangeKind::Spec && ev.labels != self.labels {
-                // Its labels changed: what it should hold may differ anywhere.
-                self.load_labels().await.map_err(Some)?;
-                return self.snapshot(pb::resync::Reason::ResyncRequired).await;
-            }
+        if let (Scope::Dpu(serial), Kind::Dpu) = (&self.scope, ev.key.kind)
+            && ev.key.name == *serial
+            && ev.change == ChangeKind::Spec
+            && ev.labels != self.labels
+        {
+            // Its labels changed: what it should hold may differ anywhere.
+            self.load_labels().await.map_err(Some)?;
+            return self.snapshot(pb::resync::Reason::ResyncRequired).await;
         }
         self.pos = ev.revision;
         match self.render(ev).map_err(Some)? {
@@ -175,12 +174,12 @@ impl Watch {
                 return Ok(());
             }
             for ev in events {
-                if let (Scope::Dpu(serial), Kind::Dpu, ChangeKind::Spec) = (&self.scope, ev.key.kind, ev.change) {
-                    if ev.key.name == *serial {
-                        // Its labels may have changed while it was away.
-                        self.load_labels().await.map_err(Some)?;
-                        return self.snapshot(pb::resync::Reason::ResyncRequired).await;
-                    }
+                if let (Scope::Dpu(serial), Kind::Dpu, ChangeKind::Spec) = (&self.scope, ev.key.kind, ev.change)
+                    && ev.key.name == *serial
+                {
+                    // Its labels may have changed while it was away.
+                    self.load_labels().await.map_err(Some)?;
+                    return self.snapshot(pb::resync::Reason::ResyncRequired).await;
                 }
                 self.pos = ev.revision;
                 if let Some(out) = self.render(&ev).map_err(Some)? {

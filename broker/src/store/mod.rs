@@ -14,11 +14,11 @@ use chrono::Utc;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
+pub use self::postgres::{FleetCounts, Snapshot};
 use self::{
     batch::{BatchContext, Reply, Request},
     rows::*,
 };
-pub use self::postgres::{FleetCounts, Snapshot};
 use crate::{
     error::{Error, Result},
     model::{Key, Kind, Labels, event::Event, object::StoredObject},

@@ -29,7 +29,12 @@ impl ObjectRow {
         self.deleted_revision.is_none()
     }
 
-    pub fn into_stored(self, statuses: Vec<StoredStatus>, lease: Option<Lease>, allocated: Option<u64>) -> StoredObject {
+    pub fn into_stored(
+        self,
+        statuses: Vec<StoredStatus>,
+        lease: Option<Lease>,
+        allocated: Option<u64>,
+    ) -> StoredObject {
         StoredObject {
             key: self.key,
             uid: self.uid,

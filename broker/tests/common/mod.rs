@@ -220,10 +220,7 @@ pub async fn seed_network(b: &TestBroker, network: &str, cidr: &str, gateway: &s
 
 pub async fn register(b: &TestBroker, serial: &str) {
     let mut agent = b.agent(serial).await;
-    agent
-        .register(pb::RegisterRequest { serial: serial.into(), ..Default::default() })
-        .await
-        .expect("register");
+    agent.register(pb::RegisterRequest { serial: serial.into(), ..Default::default() }).await.expect("register");
 }
 
 pub fn netdev_status(phase: &str, ip: &str) -> pb::NetdevStatus {
@@ -241,10 +238,7 @@ pub fn report(key: pb::ObjectKey, generation: i64, seq: u64, status: pb::NetdevS
 }
 
 /// Next change event (skipping bookmarks), with a timeout.
-pub async fn next_change(
-    stream: &mut tonic::Streaming<pb::WatchEvent>,
-    within: Duration,
-) -> Option<pb::WatchEvent> {
+pub async fn next_change(stream: &mut tonic::Streaming<pb::WatchEvent>, within: Duration) -> Option<pb::WatchEvent> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let ev = tokio::time::timeout_at(deadline, stream.message()).await.ok()?.ok()??;

@@ -6,6 +6,9 @@
 //! one batch see each other's effects exactly as if they had been committed one by one, and a
 //! request that fails leaves the working set as it found it.
 
+mod dpu;
+mod netdev;
+
 use std::{
     collections::{HashMap, HashSet},
     future::Future,
@@ -15,15 +18,14 @@ use std::{
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
-use xpu_proto::broker::v1 as pb;
 
+use self::netdev::PoolState;
 use super::rows::*;
 use crate::{
     error::{Error, Result},
     model::{
-        BROKER_AUTHOR, Key, Kind, Labels, NetdevId, Route, dpu_author,
+        Key, Kind, Labels, Route, dpu_author,
         event::{ChangeKind, Event},
-        ipam::Pool,
         object::Spec,
         validate,
     },
@@ -35,10 +37,7 @@ pub(crate) trait WriteTx: Send {
     /// Locks the revision counter (serializing all writers, across replicas) and returns it.
     fn lock_head(&mut self) -> impl Future<Output = Result<i64>> + Send;
     fn load_objects(&mut self, keys: Vec<Key>) -> impl Future<Output = Result<Vec<ObjectRow>>> + Send;
-    fn load_statuses(
-        &mut self,
-        pairs: Vec<(Key, String)>,
-    ) -> impl Future<Output = Result<Vec<StatusRow>>> + Send;
+    fn load_statuses(&mut self, pairs: Vec<(Key, String)>) -> impl Future<Output = Result<Vec<StatusRow>>> + Send;
     /// Namespace of the live Netdev carrying each name, if any.
     fn live_netdev_namespaces(
         &mut self,
@@ -98,15 +97,6 @@ pub(crate) struct BatchResult {
     pub replies: Vec<Result<Reply>>,
     pub events: Vec<Event>,
     pub head: i64,
-}
-
-/// Address candidates checked against the database per round trip.
-const IPAM_WINDOW: usize = 32;
-
-struct PoolState {
-    offset: u128,
-    offset_dirty: bool,
-    reserved: HashSet<IpAddr>,
 }
 
 /// What the batch has loaded and changed so far.
@@ -202,21 +192,6 @@ fn decode<T: serde::de::DeserializeOwned>(json: &Value, what: &str) -> Result<T>
 
 fn encode<T: serde::Serialize>(value: &T) -> Result<Value> {
     serde_json::to_value(value).map_err(|e| Error::internal(format!("encoding: {e}")))
-}
-
-/// A stable, locally administered unicast MAC derived from the netdev id (FNV-1a).
-fn generated_mac(netdev_id: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in netdev_id.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    let b = h.to_be_bytes();
-    validate::format_mac([0x02, b[3], b[4], b[5], b[6], b[7]])
-}
-
-fn ip_of(address: &str) -> Option<IpAddr> {
-    address.split('/').next().and_then(|a| a.parse().ok())
 }
 
 impl Working<'_> {
@@ -357,11 +332,7 @@ impl Working<'_> {
             purged: self.purged.clone(),
             netdev_namespaces: self.netdev_namespaces.clone(),
             allocations: self.allocations.clone(),
-            pools: self
-                .pools
-                .iter()
-                .map(|(n, p)| (n.clone(), p.offset, p.offset_dirty, p.reserved.clone()))
-                .collect(),
+            pools: self.pools.iter().map(|(n, p)| (n.clone(), p.offset, p.offset_dirty, p.reserved.clone())).collect(),
             compact_to: self.compact_to,
         }
     }
@@ -374,10 +345,10 @@ impl Working<'_> {
         self.dpus_deleted.truncate(s.dpus_deleted);
         self.events.truncate(s.events);
         for (k, v) in s.objects {
-            if let Some(row) = &v {
-                if let Ok(spec) = Spec::from_stored(k.kind, row.spec.clone()) {
-                    self.routes.insert(k.clone(), spec.route());
-                }
+            if let Some(row) = &v
+                && let Ok(spec) = Spec::from_stored(k.kind, row.spec.clone())
+            {
+                self.routes.insert(k.clone(), spec.route());
             }
             self.objects.insert(k, v);
         }
@@ -449,8 +420,7 @@ impl Working<'_> {
             Spec::XpuNetwork(n) => self.check_network(tx, key, n, live.as_ref()).await?,
             Spec::Svi(s) => {
                 self.require(tx, Key::cluster(Kind::Vrf, &s.vrf), "spec.vrf").await?;
-                self.require(tx, Key::cluster(Kind::LogicalBridge, &s.logical_bridge), "spec.logicalBridge")
-                    .await?;
+                self.require(tx, Key::cluster(Kind::LogicalBridge, &s.logical_bridge), "spec.logicalBridge").await?;
                 if !s.mac_address.is_empty() {
                     s.mac_address = validate::mac(&s.mac_address, "spec.macAddress")?;
                 }
@@ -470,10 +440,11 @@ impl Working<'_> {
         let spec_json = spec.to_json()?;
         let existing = self.objects.get(key).cloned().flatten();
         let live = existing.as_ref().filter(|o| o.live());
-        if let Some(o) = live {
-            if o.spec == spec_json && &o.labels == labels {
-                return Ok((o.clone(), false));
-            }
+        if let Some(o) = live
+            && o.spec == spec_json
+            && &o.labels == labels
+        {
+            return Ok((o.clone(), false));
         }
         let now = self.ctx.now;
         let spec_changed = live.is_none_or(|o| o.spec != spec_json);
@@ -523,251 +494,7 @@ impl Working<'_> {
 
     async fn require<T: WriteTx>(&mut self, tx: &mut T, key: Key, field: &str) -> Result<ObjectRow> {
         self.ensure(tx, vec![key.clone()]).await?;
-        self.live(&key)
-            .cloned()
-            .ok_or_else(|| Error::invalid(field, format!("{} {:?} not found", key.kind, key.name)))
-    }
-
-    async fn check_network<T: WriteTx>(
-        &mut self,
-        tx: &mut T,
-        key: &Key,
-        spec: &pb::XpuNetworkSpec,
-        live: Option<&ObjectRow>,
-    ) -> Result<()> {
-        for (i, lb) in spec.logical_bridges.iter().enumerate() {
-            self.require(tx, Key::cluster(Kind::LogicalBridge, lb), &format!("spec.logicalBridges[{i}]")).await?;
-        }
-        if !spec.vrf.is_empty() {
-            self.require(tx, Key::cluster(Kind::Vrf, &spec.vrf), "spec.vrf").await?;
-        }
-        if let Some(o) = live {
-            let old: pb::XpuNetworkSpec = decode(&o.spec, "XpuNetwork spec")?;
-            if old.ipam != spec.ipam {
-                let in_use = self.allocations_in(tx, &key.name).await?;
-                if in_use > 0 {
-                    return Err(Error::FailedPrecondition(format!(
-                        "XpuNetwork {} has {in_use} allocated addresses; its ipam pool cannot change while netdevs use it",
-                        key.name
-                    )));
-                }
-                self.pools.remove(&key.name);
-            }
-        }
-        Ok(())
-    }
-
-    async fn allocations_in<T: WriteTx>(&mut self, tx: &mut T, network: &str) -> Result<i64> {
-        let mut n = tx.count_allocations(network.to_string()).await?;
-        // Adjust for what this batch changed but has not written yet.
-        for (slot, now) in &self.allocations {
-            let before = self.loaded_allocations.get(slot).cloned().flatten();
-            let was = before.as_ref().is_some_and(|(net, _)| net == network);
-            let is = now.as_ref().is_some_and(|(net, _)| net == network);
-            n += i64::from(is) - i64::from(was);
-        }
-        Ok(n)
-    }
-
-    async fn prepare_netdev<T: WriteTx>(
-        &mut self,
-        tx: &mut T,
-        key: &Key,
-        nd: &mut pb::NetdevSpec,
-        live: Option<&ObjectRow>,
-    ) -> Result<()> {
-        let id = NetdevId::parse(&nd.netdev_id)
-            .ok_or_else(|| Error::invalid("spec.netdevId", "is not a netdev id"))?;
-        self.ensure_netdev_names(tx, vec![key.name.clone()]).await?;
-        if let Some(Some(ns)) = self.netdev_namespaces.get(&key.name) {
-            if *ns != key.namespace {
-                return Err(Error::AlreadyExists(format!(
-                    "netdev {} already exists in namespace {ns}; a VF carries one Netdev at a time",
-                    key.name
-                )));
-            }
-        }
-        let net_row = self.require(tx, Key::cluster(Kind::XpuNetwork, &nd.network), "spec.network").await?;
-        let net: pb::XpuNetworkSpec = decode(&net_row.spec, "XpuNetwork spec")?;
-        let old: Option<pb::NetdevSpec> = live.map(|o| decode(&o.spec, "Netdev spec")).transpose()?;
-
-        if nd.backend.is_empty() {
-            nd.backend = id.backend.as_str().to_string();
-        }
-        if nd.port_type.is_empty() {
-            nd.port_type = if net.port_type.is_empty() { "access".into() } else { net.port_type.clone() };
-        }
-        if nd.logical_bridges.is_empty() {
-            nd.logical_bridges = net.logical_bridges.clone();
-        }
-        for (i, lb) in nd.logical_bridges.clone().iter().enumerate() {
-            self.require(tx, Key::cluster(Kind::LogicalBridge, lb), &format!("spec.logicalBridges[{i}]")).await?;
-        }
-        match (nd.port_type.as_str(), nd.logical_bridges.len()) {
-            ("access", 1) => {}
-            ("access", n) => {
-                return Err(Error::invalid(
-                    "spec.logicalBridges",
-                    format!("an access port needs exactly one logical bridge, got {n}"),
-                ));
-            }
-            (_, 0) => return Err(Error::invalid("spec.logicalBridges", "a trunk port needs at least one logical bridge")),
-            _ => {}
-        }
-        nd.mac_address = if nd.mac_address.is_empty() {
-            old.as_ref().map(|o| o.mac_address.clone()).unwrap_or_else(|| generated_mac(&nd.netdev_id))
-        } else {
-            validate::mac(&nd.mac_address, "spec.macAddress")?
-        };
-        if nd.mtu == 0 {
-            nd.mtu = net.mtu;
-        }
-        self.prepare_ipam(tx, key, nd, &net).await
-    }
-
-    async fn current_allocation<T: WriteTx>(&mut self, tx: &mut T, key: &Key) -> Result<Option<(String, IpAddr)>> {
-        let slot = (key.namespace.clone(), key.name.clone());
-        if let Some(a) = self.allocations.get(&slot) {
-            return Ok(a.clone());
-        }
-        if !self.loaded_allocations.contains_key(&slot) {
-            let found = tx
-                .allocation_of(key.namespace.clone(), key.name.clone())
-                .await?
-                .and_then(|(net, addr)| addr.parse().ok().map(|ip| (net, ip)));
-            self.loaded_allocations.insert(slot.clone(), found);
-        }
-        Ok(self.loaded_allocations.get(&slot).cloned().flatten())
-    }
-
-    async fn prepare_ipam<T: WriteTx>(
-        &mut self,
-        tx: &mut T,
-        key: &Key,
-        nd: &mut pb::NetdevSpec,
-        net: &pb::XpuNetworkSpec,
-    ) -> Result<()> {
-        let pool = net.ipam.as_ref().map(Pool::from_spec).transpose().map_err(|_| {
-            Error::FailedPrecondition(format!("XpuNetwork {} has an invalid ipam pool", nd.network))
-        })?;
-        let network = nd.network.clone();
-        let prev = self.current_allocation(tx, key).await?;
-        let ipam = nd.ipam.get_or_insert_with(Default::default);
-        if ipam.mode.is_empty() {
-            ipam.mode = "broker".into();
-        }
-        let requested = if ipam.address.is_empty() { None } else { ip_of(&ipam.address) };
-        let slot = (key.namespace.clone(), key.name.clone());
-        let next = if ipam.mode == "broker" {
-            let pool = pool.as_ref().ok_or_else(|| {
-                Error::invalid(
-                    "spec.network",
-                    format!("XpuNetwork {network} has no ipam pool; set spec.ipam.mode to host and give an address"),
-                )
-            })?;
-            let ip = match &prev {
-                Some((pn, pa)) if *pn == network && requested.is_none_or(|r| r == *pa) => *pa,
-                Some((pn, pa)) if *pn == network => {
-                    return Err(Error::invalid(
-                        "spec.ipam.address",
-                        format!("the broker allocated {pa}; delete the netdev to get another address"),
-                    ));
-                }
-                _ => self.allocate(tx, &network, pool, requested).await?,
-            };
-            ipam.address = pool.interface_address(ip);
-            if ipam.gateway.is_empty() {
-                ipam.gateway = pool.gateway().map(|g| g.to_string()).unwrap_or_default();
-            }
-            Some((network, ip))
-        } else {
-            let ip = requested.ok_or_else(|| Error::invalid("spec.ipam.address", "is required in mode host"))?;
-            match &pool {
-                Some(pool) if pool.network().contains(&ip) => {
-                    if ipam.gateway.is_empty() {
-                        ipam.gateway = pool.gateway().map(|g| g.to_string()).unwrap_or_default();
-                    }
-                    match &prev {
-                        Some((pn, pa)) if *pn == network && *pa == ip => Some((network, ip)),
-                        _ => Some((network.clone(), self.allocate(tx, &network, pool, Some(ip)).await?)),
-                    }
-                }
-                _ => None,
-            }
-        };
-        if next != prev {
-            self.allocations.insert(slot, next);
-        }
-        Ok(())
-    }
-
-    async fn pool_state<T: WriteTx>(&mut self, tx: &mut T, network: &str) -> Result<()> {
-        if !self.pools.contains_key(network) {
-            let offset = tx.pool_offset(network.to_string()).await?.unwrap_or(0);
-            self.pools.insert(network.to_string(), PoolState { offset, offset_dirty: false, reserved: HashSet::new() });
-        }
-        Ok(())
-    }
-
-    /// Reserves `requested`, or the next free address of the pool.
-    async fn allocate<T: WriteTx>(
-        &mut self,
-        tx: &mut T,
-        network: &str,
-        pool: &Pool,
-        requested: Option<IpAddr>,
-    ) -> Result<IpAddr> {
-        self.pool_state(tx, network).await?;
-        if let Some(ip) = requested {
-            if !pool.usable(ip) {
-                return Err(Error::invalid(
-                    "spec.ipam.address",
-                    format!("{ip} is not an assignable address of the pool of XpuNetwork {network}"),
-                ));
-            }
-            let taken = tx.taken(network.to_string(), vec![ip.to_string()]).await?;
-            let state = self.pools.get_mut(network).ok_or_else(|| Error::internal("pool state missing"))?;
-            if let Some((ns, name)) = taken.get(&ip.to_string()) {
-                return Err(Error::AlreadyExists(format!(
-                    "address {ip} of XpuNetwork {network} is in use by netdev {ns}/{name}"
-                )));
-            }
-            if !state.reserved.insert(ip) {
-                return Err(Error::AlreadyExists(format!("address {ip} of XpuNetwork {network} is in use")));
-            }
-            return Ok(ip);
-        }
-        let capacity = pool.capacity();
-        let mut scanned: u128 = 0;
-        loop {
-            let state = self.pools.get_mut(network).ok_or_else(|| Error::internal("pool state missing"))?;
-            let window: Vec<(IpAddr, u128)> = pool
-                .candidates(state.offset, IPAM_WINDOW)
-                .into_iter()
-                .filter(|(ip, _)| !state.reserved.contains(ip))
-                .collect();
-            if window.is_empty() || scanned >= capacity {
-                return Err(Error::ResourceExhausted(format!(
-                    "the address pool of XpuNetwork {network} is exhausted ({capacity} addresses in use)"
-                )));
-            }
-            let addrs = window.iter().map(|(ip, _)| ip.to_string()).collect();
-            let taken = tx.taken(network.to_string(), addrs).await?;
-            let state = self.pools.get_mut(network).ok_or_else(|| Error::internal("pool state missing"))?;
-            for (ip, next) in &window {
-                if !taken.contains_key(&ip.to_string()) {
-                    state.reserved.insert(*ip);
-                    state.offset = *next;
-                    state.offset_dirty = true;
-                    return Ok(*ip);
-                }
-            }
-            scanned += IPAM_WINDOW as u128;
-            if let Some((_, next)) = window.last() {
-                state.offset = *next;
-                state.offset_dirty = true;
-            }
-        }
+        self.live(&key).cloned().ok_or_else(|| Error::invalid(field, format!("{} {:?} not found", key.kind, key.name)))
     }
 
     async fn delete<T: WriteTx>(&mut self, tx: &mut T, req: &DeleteRequest) -> Result<DeleteOutcome> {
@@ -776,10 +503,10 @@ impl Working<'_> {
         let Some(mut row) = self.live(key).cloned() else {
             return Ok(DeleteOutcome { revision: 0, existed: false });
         };
-        if let Some(uid) = req.uid {
-            if uid != row.uid {
-                return Err(Error::Aborted(format!("{key} has uid {}, the delete expected {uid}", row.uid)));
-            }
+        if let Some(uid) = req.uid
+            && uid != row.uid
+        {
+            return Err(Error::Aborted(format!("{key} has uid {}, the delete expected {uid}", row.uid)));
         }
         if req.expected_generation != 0 && req.expected_generation != row.generation {
             return Err(Error::Aborted(format!(
@@ -839,7 +566,14 @@ impl Working<'_> {
 
     // ---- statuses ----
 
-    fn put_status(&mut self, obj: &ObjectRow, author: &str, observed_generation: i64, seq: i64, body: Option<Value>) -> i64 {
+    fn put_status(
+        &mut self,
+        obj: &ObjectRow,
+        author: &str,
+        observed_generation: i64,
+        seq: i64,
+        body: Option<Value>,
+    ) -> i64 {
         let rev = self.next_revision();
         let slot = (obj.key.clone(), author.to_string());
         let row = body.clone().map(|status| StatusRow {
@@ -870,7 +604,12 @@ impl Working<'_> {
         rev
     }
 
-    async fn status<T: WriteTx>(&mut self, tx: &mut T, serial: &str, writes: &[StatusWrite]) -> Result<Vec<StatusOutcome>> {
+    async fn status<T: WriteTx>(
+        &mut self,
+        tx: &mut T,
+        serial: &str,
+        writes: &[StatusWrite],
+    ) -> Result<Vec<StatusOutcome>> {
         let author = dpu_author(serial);
         self.ensure(tx, writes.iter().map(|w| w.key.clone()).collect()).await?;
         let dpu_key = Key::cluster(Kind::Dpu, serial);
@@ -878,13 +617,13 @@ impl Working<'_> {
         let dpu_labels = self.live(&dpu_key).map(|d| d.labels.clone()).unwrap_or_default();
         // Authorize the whole request before writing any of it.
         for w in writes {
-            if let (Some(Some(obj)), Some(Route::Dpu(owner))) = (self.objects.get(&w.key), self.routes.get(&w.key)) {
-                if owner != serial {
-                    return Err(Error::PermissionDenied(format!(
-                        "{} belongs to dpu {owner}; dpu {serial} cannot report its status",
-                        obj.key
-                    )));
-                }
+            if let (Some(Some(obj)), Some(Route::Dpu(owner))) = (self.objects.get(&w.key), self.routes.get(&w.key))
+                && owner != serial
+            {
+                return Err(Error::PermissionDenied(format!(
+                    "{} belongs to dpu {owner}; dpu {serial} cannot report its status",
+                    obj.key
+                )));
             }
         }
         let mut out = Vec::with_capacity(writes.len());
@@ -899,11 +638,11 @@ impl Working<'_> {
                 out.push(StatusOutcome::NotFound);
                 continue;
             }
-            if let Some(s) = &existing {
-                if w.seq <= s.seq {
-                    out.push(StatusOutcome::Stale);
-                    continue;
-                }
+            if let Some(s) = &existing
+                && w.seq <= s.seq
+            {
+                out.push(StatusOutcome::Stale);
+                continue;
             }
             let outcome = match &w.body {
                 None if existing.is_some() => {
@@ -938,135 +677,15 @@ impl Working<'_> {
 
     // ---- DPUs and leases ----
 
-    async fn register<T: WriteTx>(&mut self, tx: &mut T, req: &RegisterRequest) -> Result<RegisterOutcome> {
-        let key = Key::cluster(Kind::Dpu, &req.serial);
-        let author = dpu_author(&req.serial);
-        self.ensure(tx, vec![key.clone()]).await?;
-        self.ensure_dpus(tx, vec![req.serial.clone()]).await?;
-        let (row, _) = self.put_spec(&key, &req.labels, &Spec::Dpu(req.spec.clone()), &author)?;
-        let now = self.ctx.now;
-        let lease = self.dpus.get(&req.serial).cloned().flatten();
-        let registered_at = lease.as_ref().map_or(now, |l| l.registered_at);
-        self.dpus.insert(
-            req.serial.clone(),
-            Some(DpuRow {
-                serial: req.serial.clone(),
-                ready: true,
-                last_heartbeat: now,
-                lease_duration_ms: self.ctx.lease_duration_ms,
-                applied_revision: lease.as_ref().map_or(0, |l| l.applied_revision),
-                registered_at,
-            }),
-        );
-        self.dpus_dirty.push(req.serial.clone());
-        let status = pb::DpuStatus {
-            lease_state: "Ready".into(),
-            inventory: Some(req.inventory.clone()),
-            registered_at: crate::model::convert::timestamp(registered_at),
-            ..Default::default()
-        };
-        self.put_broker_status(tx, &row, encode(&status)?).await?;
-        let last_status_seq = tx.max_status_seq(author).await?;
-        Ok(RegisterOutcome { object: row.into_stored(vec![], None, None), last_status_seq })
-    }
-
-    /// Writes the broker-authored status of a Dpu when it differs from the stored one.
-    async fn put_broker_status<T: WriteTx>(&mut self, tx: &mut T, row: &ObjectRow, status: Value) -> Result<()> {
-        let existing = self.status_of(tx, &row.key, BROKER_AUTHOR).await?;
-        if existing.as_ref().is_some_and(|s| s.status == status && s.observed_generation == row.generation) {
-            return Ok(());
-        }
-        let seq = existing.map_or(1, |s| s.seq + 1);
-        self.put_status(row, BROKER_AUTHOR, row.generation, seq, Some(status));
-        Ok(())
-    }
-
-    async fn set_lease_state<T: WriteTx>(&mut self, tx: &mut T, serial: &str, ready: bool) -> Result<()> {
-        let key = Key::cluster(Kind::Dpu, serial);
-        self.ensure(tx, vec![key.clone()]).await?;
-        let Some(row) = self.live(&key).cloned() else { return Ok(()) };
-        let mut status: pb::DpuStatus = match self.status_of(tx, &key, BROKER_AUTHOR).await? {
-            Some(s) => decode(&s.status, "Dpu status")?,
-            None => pb::DpuStatus::default(),
-        };
-        status.lease_state = if ready { "Ready" } else { "Unknown" }.into();
-        self.put_broker_status(tx, &row, encode(&status)?).await
-    }
-
-    async fn heartbeat<T: WriteTx>(&mut self, tx: &mut T, serial: &str, applied_revision: i64) -> Result<()> {
-        self.ensure_dpus(tx, vec![serial.to_string()]).await?;
-        let Some(mut lease) = self.dpus.get(serial).cloned().flatten() else {
-            return Err(Error::NotFound(format!("dpu {serial} (register first)")));
-        };
-        let was_ready = lease.ready;
-        lease.ready = true;
-        lease.last_heartbeat = self.ctx.now;
-        lease.applied_revision = applied_revision.max(0);
-        self.dpus.insert(serial.to_string(), Some(lease));
-        self.dpus_dirty.push(serial.to_string());
-        if !was_ready {
-            self.set_lease_state(tx, serial, true).await?;
-        }
-        Ok(())
-    }
-
-    async fn sweep<T: WriteTx>(&mut self, tx: &mut T) -> Result<usize> {
-        let lapsed = tx.lapsed_dpus(self.ctx.now).await?;
-        self.ensure_dpus(tx, lapsed.clone()).await?;
-        let mut n = 0;
-        for serial in lapsed {
-            let Some(mut lease) = self.dpus.get(&serial).cloned().flatten() else { continue };
-            // A heartbeat earlier in this batch may have renewed it.
-            let deadline = lease.last_heartbeat + chrono::Duration::milliseconds(lease.lease_duration_ms);
-            if !lease.ready || deadline >= self.ctx.now {
-                continue;
-            }
-            lease.ready = false;
-            self.dpus.insert(serial.clone(), Some(lease));
-            self.dpus_dirty.push(serial.clone());
-            self.set_lease_state(tx, &serial, false).await?;
-            tracing::warn!(dpu = %serial, "lease lapsed");
-            crate::metrics::LEASES_LAPSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            n += 1;
-        }
-        Ok(n)
-    }
-
-    async fn decommission<T: WriteTx>(&mut self, tx: &mut T, serial: &str) -> Result<Reply> {
-        let netdevs = tx.live_netdevs_on_dpu(serial.to_string()).await?;
-        let author = "admin/decommission".to_string();
-        let mut count = 0u32;
-        for key in netdevs {
-            let req = DeleteRequest { key, uid: None, expected_generation: 0, author: author.clone(), node: None };
-            if self.delete(tx, &req).await?.existed {
-                count += 1;
-            }
-        }
-        let req = DeleteRequest {
-            key: Key::cluster(Kind::Dpu, serial),
-            uid: None,
-            expected_generation: 0,
-            author,
-            node: None,
-        };
-        let outcome = self.delete(tx, &req).await?;
-        if !outcome.existed && count == 0 {
-            return Err(Error::NotFound(format!("dpu {serial}")));
-        }
-        self.dpus.insert(serial.to_string(), None);
-        self.dpus_deleted.push(serial.to_string());
-        Ok(Reply::Decommissioned { revision: self.head, netdevs: count })
-    }
-
     fn into_flush(self) -> (Flush, Vec<Event>) {
         let mut flush = Flush { head: self.head, compact_to: self.compact_to, ..Default::default() };
         let mut seen = HashSet::new();
         for key in self.dirty {
-            if seen.insert(key.clone()) {
-                if let Some(Some(row)) = self.objects.get(&key) {
-                    flush.routes.push(self.routes.get(&key).cloned().unwrap_or(Route::None));
-                    flush.objects.push(row.clone());
-                }
+            if seen.insert(key.clone())
+                && let Some(Some(row)) = self.objects.get(&key)
+            {
+                flush.routes.push(self.routes.get(&key).cloned().unwrap_or(Route::None));
+                flush.objects.push(row.clone());
             }
         }
         flush.purge_statuses = self.purged.into_iter().collect();
@@ -1098,10 +717,10 @@ impl Working<'_> {
         }
         let mut seen = HashSet::new();
         for serial in self.dpus_dirty {
-            if seen.insert(serial.clone()) {
-                if let Some(Some(row)) = self.dpus.get(&serial) {
-                    flush.dpus.push(row.clone());
-                }
+            if seen.insert(serial.clone())
+                && let Some(Some(row)) = self.dpus.get(&serial)
+            {
+                flush.dpus.push(row.clone());
             }
         }
         flush.delete_dpus = self.dpus_deleted;

@@ -1,0 +1,501 @@
+//! The Postgres backend: the only place that speaks SQL to Postgres.
+
+use std::{collections::HashMap, str::FromStr, time::Duration};
+
+use serde_json::Value;
+use sqlx::{
+    PgPool, Postgres, Row, Transaction,
+    postgres::{PgConnectOptions, PgPoolOptions, PgRow},
+};
+
+use super::{
+    LogFilter,
+    rows::{DpuRow, ObjectRow, StatusRow, route_from_columns},
+};
+use crate::{
+    error::{Error, Result},
+    model::{
+        Key, Kind, Labels,
+        event::{ChangeKind, Event},
+        object::{StoredObject, StoredStatus},
+    },
+};
+
+mod write;
+
+pub use self::write::PgWriteTx;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// NOTIFY channel carrying `<replica>:<revision>` after every commit.
+pub const NOTIFY_CHANNEL: &str = "xpu_revision";
+
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|e| Error::invalid("database-url", e.to_string()))?
+        // A stalled statement must fail (and be retried by the caller), not hang a writer.
+        .options([("statement_timeout", "15s"), ("idle_in_transaction_session_timeout", "60s")]);
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+/// Applies the embedded migrations. sqlx's migrator holds a Postgres advisory lock while it
+/// runs, so replicas starting together apply each migration exactly once.
+pub async fn migrate(pool: &PgPool) -> Result<()> {
+    MIGRATOR.run(pool).await.map_err(|e| match e {
+        sqlx::migrate::MigrateError::Execute(db) => Error::from(db),
+        other => Error::internal(format!("migration failed: {other}")),
+    })
+}
+
+fn kind_of(s: &str) -> Result<Kind> {
+    Kind::parse_stored(s).ok_or_else(|| Error::internal(format!("unknown stored kind {s:?}")))
+}
+
+fn labels_of(v: Value) -> Labels {
+    serde_json::from_value(v).unwrap_or_default()
+}
+
+fn labels_json(l: &Labels) -> Value {
+    serde_json::to_value(l).unwrap_or(Value::Object(Default::default()))
+}
+
+const OBJECT_COLUMNS: &str = "o.kind, o.namespace, o.name, o.uid, o.generation, o.revision, o.labels, o.spec, \
+     o.spec_author, o.created_at, o.updated_at, o.deleted_revision";
+
+fn object_row(r: &PgRow) -> Result<ObjectRow> {
+    Ok(ObjectRow {
+        key: Key::new(
+            kind_of(r.try_get("kind")?)?,
+            r.try_get::<String, _>("namespace")?,
+            r.try_get::<String, _>("name")?,
+        ),
+        uid: r.try_get("uid")?,
+        generation: r.try_get("generation")?,
+        revision: r.try_get("revision")?,
+        labels: labels_of(r.try_get("labels")?),
+        spec: r.try_get("spec")?,
+        spec_author: r.try_get("spec_author")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+        deleted_revision: r.try_get("deleted_revision")?,
+    })
+}
+
+fn status_row(r: &PgRow) -> Result<StatusRow> {
+    Ok(StatusRow {
+        key: Key::new(
+            kind_of(r.try_get("kind")?)?,
+            r.try_get::<String, _>("namespace")?,
+            r.try_get::<String, _>("name")?,
+        ),
+        author: r.try_get("author")?,
+        observed_generation: r.try_get("observed_generation")?,
+        seq: r.try_get("seq")?,
+        revision: r.try_get("revision")?,
+        status: r.try_get("status")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+fn dpu_row(r: &PgRow) -> Result<DpuRow> {
+    Ok(DpuRow {
+        serial: r.try_get("serial")?,
+        ready: r.try_get("ready")?,
+        last_heartbeat: r.try_get("last_heartbeat")?,
+        lease_duration_ms: r.try_get("lease_duration_ms")?,
+        applied_revision: r.try_get("applied_revision")?,
+        registered_at: r.try_get("registered_at")?,
+    })
+}
+
+fn event_row(r: &PgRow) -> Result<Event> {
+    let change: i16 = r.try_get("change")?;
+    let prev: Option<Value> = r.try_get("prev_selector")?;
+    Ok(Event {
+        revision: r.try_get("revision")?,
+        key: Key::new(
+            kind_of(r.try_get("kind")?)?,
+            r.try_get::<String, _>("namespace")?,
+            r.try_get::<String, _>("name")?,
+        ),
+        uid: r.try_get("uid")?,
+        generation: r.try_get("generation")?,
+        change: ChangeKind::from_code(change).ok_or_else(|| Error::internal(format!("unknown change {change}")))?,
+        labels: labels_of(r.try_get("labels")?),
+        body: r.try_get("body")?,
+        author: r.try_get("author")?,
+        observed_generation: r.try_get("observed_generation")?,
+        route: route_from_columns(r.try_get("dpu")?, r.try_get("selector")?),
+        prev_route: prev.map(|p| route_from_columns(None, Some(p))),
+        at: r.try_get("at")?,
+    })
+}
+
+fn key_arrays(keys: &[Key]) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let mut k = Vec::with_capacity(keys.len());
+    let mut ns = Vec::with_capacity(keys.len());
+    let mut n = Vec::with_capacity(keys.len());
+    for key in keys {
+        k.push(key.kind.as_str().to_string());
+        ns.push(key.namespace.clone());
+        n.push(key.name.clone());
+    }
+    (k, ns, n)
+}
+
+// ---- reads ----
+
+/// Attaches statuses (with staleness from the authors' leases), leases and pool usage.
+async fn complete(pool: &PgPool, rows: Vec<ObjectRow>) -> Result<Vec<StoredObject>> {
+    if rows.is_empty() {
+        return Ok(vec![]);
+    }
+    let keys: Vec<Key> = rows.iter().map(|r| r.key.clone()).collect();
+    let (k, ns, n) = key_arrays(&keys);
+    let status_rows = sqlx::query(
+        "SELECT s.*, COALESCE(NOT d.ready, false) AS stale FROM statuses s \
+         JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS k(kind, namespace, name) \
+           ON s.kind = k.kind AND s.namespace = k.namespace AND s.name = k.name \
+         LEFT JOIN dpus d ON s.author = 'dpu/' || d.serial \
+         ORDER BY s.author",
+    )
+    .bind(k)
+    .bind(ns)
+    .bind(n)
+    .fetch_all(pool)
+    .await?;
+    let mut statuses: HashMap<Key, Vec<StoredStatus>> = HashMap::new();
+    for r in &status_rows {
+        let s = status_row(r)?;
+        statuses.entry(s.key.clone()).or_default().push(StoredStatus {
+            author: s.author,
+            observed_generation: s.observed_generation,
+            seq: s.seq,
+            revision: s.revision,
+            status: s.status,
+            updated_at: s.updated_at,
+            stale: r.try_get("stale")?,
+        });
+    }
+    let dpu_serials: Vec<String> = keys.iter().filter(|k| k.kind == Kind::Dpu).map(|k| k.name.clone()).collect();
+    let mut leases = HashMap::new();
+    if !dpu_serials.is_empty() {
+        for r in sqlx::query("SELECT * FROM dpus WHERE serial = ANY($1)").bind(dpu_serials).fetch_all(pool).await? {
+            let d = dpu_row(&r)?;
+            leases.insert(d.serial.clone(), d.lease());
+        }
+    }
+    let networks: Vec<String> = keys.iter().filter(|k| k.kind == Kind::XpuNetwork).map(|k| k.name.clone()).collect();
+    let mut allocated = HashMap::new();
+    if !networks.is_empty() {
+        let q = "SELECT network, count(*)::int8 FROM ip_allocations WHERE network = ANY($1) GROUP BY network";
+        for r in sqlx::query(q).bind(networks).fetch_all(pool).await? {
+            allocated.insert(r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?);
+        }
+    }
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let st = statuses.remove(&row.key).unwrap_or_default();
+            let lease = (row.key.kind == Kind::Dpu).then(|| leases.get(&row.key.name).cloned()).flatten();
+            let alloc = (row.key.kind == Kind::XpuNetwork)
+                .then(|| allocated.get(&row.key.name).map_or(0, |n| u64::try_from(*n).unwrap_or(0)));
+            row.into_stored(st, lease, alloc)
+        })
+        .collect())
+}
+
+pub async fn head(pool: &PgPool) -> Result<(i64, i64)> {
+    let row = sqlx::query("SELECT revision, compacted_revision FROM xpu_meta WHERE id = 1").fetch_one(pool).await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
+pub async fn get(pool: &PgPool, key: &Key, include_deleted: bool) -> Result<Option<StoredObject>> {
+    let sql = format!(
+        "SELECT {OBJECT_COLUMNS} FROM objects o WHERE o.kind = $1 AND o.namespace = $2 AND o.name = $3 \
+         AND ($4 OR o.deleted_revision IS NULL)"
+    );
+    let row = sqlx::query(&sql)
+        .bind(key.kind.as_str())
+        .bind(&key.namespace)
+        .bind(&key.name)
+        .bind(include_deleted)
+        .fetch_optional(pool)
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    Ok(complete(pool, vec![object_row(&row)?]).await?.into_iter().next())
+}
+
+/// One page of live objects of a kind, ordered by (namespace, name), after `after`.
+pub async fn list(
+    pool: &PgPool,
+    kind: Kind,
+    namespace: Option<&str>,
+    selector: &Labels,
+    after: Option<(String, String)>,
+    limit: usize,
+) -> Result<Vec<StoredObject>> {
+    let (after_ns, after_name) = after.unwrap_or_default();
+    let sql = format!(
+        "SELECT {OBJECT_COLUMNS} FROM objects o WHERE o.kind = $1 AND o.deleted_revision IS NULL \
+         AND ($2::text IS NULL OR o.namespace = $2) AND o.labels @> $3 \
+         AND (o.namespace, o.name) > ($4, $5) ORDER BY o.namespace, o.name LIMIT $6"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(kind.as_str())
+        .bind(namespace)
+        .bind(labels_json(selector))
+        .bind(after_ns)
+        .bind(after_name)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(pool)
+        .await?;
+    let rows = rows.iter().map(object_row).collect::<Result<Vec<_>>>()?;
+    complete(pool, rows).await
+}
+
+/// Log entries after `after` that `filter` selects, in revision order, with the compaction
+/// horizon read after them (a horizon past `after` means entries may be missing).
+pub async fn read_log(pool: &PgPool, after: i64, limit: usize, filter: &LogFilter) -> Result<(Vec<Event>, i64)> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = match filter {
+        LogFilter::All => {
+            sqlx::query("SELECT * FROM log WHERE revision > $1 ORDER BY revision LIMIT $2")
+                .bind(after)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+        }
+        LogFilter::Kinds(kinds) => {
+            let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+            sqlx::query("SELECT * FROM log WHERE revision > $1 AND kind = ANY($2) ORDER BY revision LIMIT $3")
+                .bind(after)
+                .bind(kinds)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+        }
+        LogFilter::Dpu(serial) => {
+            let kinds: Vec<&str> = Kind::SELECTOR_ROUTED.iter().map(|k| k.as_str()).collect();
+            sqlx::query(
+                "SELECT * FROM log WHERE revision > $1 AND change <> 2 \
+                 AND (dpu = $2 OR kind = ANY($3) OR (kind = 'Dpu' AND name = $2)) ORDER BY revision LIMIT $4",
+            )
+            .bind(after)
+            .bind(serial)
+            .bind(kinds)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }
+        LogFilter::Object(key) => {
+            sqlx::query(
+                "SELECT * FROM log WHERE revision > $1 AND kind = $2 AND namespace = $3 AND name = $4 \
+                 ORDER BY revision LIMIT $5",
+            )
+            .bind(after)
+            .bind(key.kind.as_str())
+            .bind(&key.namespace)
+            .bind(&key.name)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }
+    };
+    let events = rows.iter().map(event_row).collect::<Result<Vec<_>>>()?;
+    let (_, compacted) = head(pool).await?;
+    Ok((events, compacted))
+}
+
+/// A consistent view of the store at one revision, read page by page.
+pub struct Snapshot {
+    tx: Transaction<'static, Postgres>,
+    pub revision: i64,
+}
+
+impl Snapshot {
+    pub async fn begin(pool: &PgPool) -> Result<Snapshot> {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
+        let row = sqlx::query("SELECT revision FROM xpu_meta WHERE id = 1").fetch_one(&mut *tx).await?;
+        Ok(Snapshot { revision: row.try_get(0)?, tx })
+    }
+
+    /// Live objects of `kinds` (optionally only Netdevs of one DPU), after `after` in
+    /// (kind, namespace, name) order.
+    pub async fn page(
+        &mut self,
+        kinds: &[Kind],
+        dpu: Option<&str>,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<Vec<StoredObject>> {
+        let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+        let (ak, ans, an) =
+            after.map(|k| (k.kind.as_str().to_string(), k.namespace.clone(), k.name.clone())).unwrap_or_default();
+        let sql = format!(
+            "SELECT {OBJECT_COLUMNS} FROM objects o WHERE o.kind = ANY($1) AND o.deleted_revision IS NULL \
+             AND ($2::text IS NULL OR o.kind <> 'Netdev' OR o.dpu = $2) \
+             AND (o.kind, o.namespace, o.name) > ($3, $4, $5) ORDER BY o.kind, o.namespace, o.name LIMIT $6"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(kinds)
+            .bind(dpu)
+            .bind(ak)
+            .bind(ans)
+            .bind(an)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *self.tx)
+            .await?;
+        let rows = rows.iter().map(object_row).collect::<Result<Vec<_>>>()?;
+        // Statuses are read in the same snapshot as the objects.
+        complete_in(&mut self.tx, rows).await
+    }
+}
+
+async fn complete_in(tx: &mut Transaction<'static, Postgres>, rows: Vec<ObjectRow>) -> Result<Vec<StoredObject>> {
+    if rows.is_empty() {
+        return Ok(vec![]);
+    }
+    let keys: Vec<Key> = rows.iter().map(|r| r.key.clone()).collect();
+    let (k, ns, n) = key_arrays(&keys);
+    let status_rows = sqlx::query(
+        "SELECT s.*, COALESCE(NOT d.ready, false) AS stale FROM statuses s \
+         JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS k(kind, namespace, name) \
+           ON s.kind = k.kind AND s.namespace = k.namespace AND s.name = k.name \
+         LEFT JOIN dpus d ON s.author = 'dpu/' || d.serial ORDER BY s.author",
+    )
+    .bind(k)
+    .bind(ns)
+    .bind(n)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut statuses: HashMap<Key, Vec<StoredStatus>> = HashMap::new();
+    for r in &status_rows {
+        let s = status_row(r)?;
+        statuses.entry(s.key.clone()).or_default().push(StoredStatus {
+            author: s.author,
+            observed_generation: s.observed_generation,
+            seq: s.seq,
+            revision: s.revision,
+            status: s.status,
+            updated_at: s.updated_at,
+            stale: r.try_get("stale")?,
+        });
+    }
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let st = statuses.remove(&row.key).unwrap_or_default();
+            row.into_stored(st, None, None)
+        })
+        .collect())
+}
+
+pub async fn dpu_labels(pool: &PgPool, serial: &str) -> Result<Option<Labels>> {
+    let row = sqlx::query(
+        "SELECT labels FROM objects WHERE kind = 'Dpu' AND namespace = '' AND name = $1 AND deleted_revision IS NULL",
+    )
+    .bind(serial)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|r| Ok(labels_of(r.try_get(0)?))).transpose()
+}
+
+pub struct FleetCounts {
+    pub dpus_ready: u32,
+    pub dpus_unknown: u32,
+    pub netdevs_by_phase: Vec<(String, u64)>,
+    pub objects_by_kind: Vec<(String, u64)>,
+}
+
+pub async fn fleet_counts(pool: &PgPool) -> Result<FleetCounts> {
+    let row =
+        sqlx::query("SELECT count(*) FILTER (WHERE ready)::int8, count(*) FILTER (WHERE NOT ready)::int8 FROM dpus")
+            .fetch_one(pool)
+            .await?;
+    let (ready, unknown): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    let phases = sqlx::query(
+        "SELECT COALESCE(s.status->>'phase', 'Pending') AS phase, count(*)::int8 FROM objects o \
+         LEFT JOIN statuses s ON s.kind = o.kind AND s.namespace = o.namespace AND s.name = o.name \
+         WHERE o.kind = 'Netdev' AND o.deleted_revision IS NULL GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    let kinds = sqlx::query(
+        "SELECT kind, count(*)::int8 FROM objects WHERE deleted_revision IS NULL GROUP BY kind ORDER BY kind",
+    )
+    .fetch_all(pool)
+    .await?;
+    let pairs = |rows: Vec<PgRow>| -> Result<Vec<(String, u64)>> {
+        rows.iter()
+            .map(|r| Ok((r.try_get::<String, _>(0)?, u64::try_from(r.try_get::<i64, _>(1)?).unwrap_or(0))))
+            .collect()
+    };
+    Ok(FleetCounts {
+        dpus_ready: u32::try_from(ready).unwrap_or(u32::MAX),
+        dpus_unknown: u32::try_from(unknown).unwrap_or(u32::MAX),
+        netdevs_by_phase: pairs(phases)?,
+        objects_by_kind: pairs(kinds)?,
+    })
+}
+
+pub async fn ping(pool: &PgPool) -> Result<()> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}
+
+/// Follows NOTIFYs from other replicas and forwards their revisions. A lost connection is
+/// reported as `None` (anything may have been missed) and re-established.
+pub async fn listen(pool: PgPool, replica: String, wakeups: tokio::sync::mpsc::Sender<Option<i64>>) {
+    loop {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for other replicas' commits; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(NOTIFY_CHANNEL).await {
+            tracing::warn!(error = %e, "LISTEN failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        // Whatever was committed while not listening is picked up from the log.
+        if wakeups.send(None).await.is_err() {
+            return;
+        }
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(n)) => {
+                    let Some((from, rev)) = n.payload().split_once(':') else {
+                        continue;
+                    };
+                    if from == replica {
+                        continue;
+                    }
+                    if let Ok(rev) = rev.parse::<i64>()
+                        && wakeups.send(Some(rev)).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    if wakeups.send(None).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "lost the LISTEN connection; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}

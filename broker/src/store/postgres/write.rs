@@ -1,0 +1,364 @@
+//! The write transaction of the Postgres backend: the working set's loads and one bulk flush.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::{NOTIFY_CHANNEL, OBJECT_COLUMNS, dpu_row, key_arrays, labels_json, object_row, status_row};
+use crate::{
+    error::Result,
+    model::Key,
+    model::Kind,
+    store::{
+        batch::WriteTx,
+        rows::{Compacted, DpuRow, Flush, ObjectRow, StatusRow, route_columns},
+    },
+};
+
+pub struct PgWriteTx {
+    tx: Transaction<'static, Postgres>,
+    replica: String,
+}
+
+impl PgWriteTx {
+    pub async fn begin(pool: &PgPool, replica: &str) -> Result<PgWriteTx> {
+        Ok(PgWriteTx { tx: pool.begin().await?, replica: replica.to_string() })
+    }
+}
+
+impl WriteTx for PgWriteTx {
+    async fn lock_head(&mut self) -> Result<i64> {
+        let row = sqlx::query("SELECT revision FROM xpu_meta WHERE id = 1 FOR UPDATE").fetch_one(&mut *self.tx).await?;
+        Ok(row.try_get(0)?)
+    }
+
+    async fn load_objects(&mut self, keys: Vec<Key>) -> Result<Vec<ObjectRow>> {
+        let (k, ns, n) = key_arrays(&keys);
+        let sql = format!(
+            "SELECT {OBJECT_COLUMNS} FROM objects o \
+             JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS k(kind, namespace, name) \
+             ON o.kind = k.kind AND o.namespace = k.namespace AND o.name = k.name"
+        );
+        let rows = sqlx::query(&sql).bind(k).bind(ns).bind(n).fetch_all(&mut *self.tx).await?;
+        rows.iter().map(object_row).collect()
+    }
+
+    async fn load_statuses(&mut self, pairs: Vec<(Key, String)>) -> Result<Vec<StatusRow>> {
+        let keys: Vec<Key> = pairs.iter().map(|(k, _)| k.clone()).collect();
+        let authors: Vec<String> = pairs.into_iter().map(|(_, a)| a).collect();
+        let (k, ns, n) = key_arrays(&keys);
+        let rows = sqlx::query(
+            "SELECT s.* FROM statuses s \
+             JOIN UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS k(kind, namespace, name, author) \
+             ON s.kind = k.kind AND s.namespace = k.namespace AND s.name = k.name AND s.author = k.author",
+        )
+        .bind(k)
+        .bind(ns)
+        .bind(n)
+        .bind(authors)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter().map(status_row).collect()
+    }
+
+    async fn live_netdev_namespaces(&mut self, names: Vec<String>) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query(
+            "SELECT name, namespace FROM objects \
+             WHERE kind = 'Netdev' AND deleted_revision IS NULL AND name = ANY($1)",
+        )
+        .bind(names)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+    }
+
+    async fn load_dpus(&mut self, serials: Vec<String>) -> Result<Vec<DpuRow>> {
+        let rows =
+            sqlx::query("SELECT * FROM dpus WHERE serial = ANY($1)").bind(serials).fetch_all(&mut *self.tx).await?;
+        rows.iter().map(dpu_row).collect()
+    }
+
+    async fn lapsed_dpus(&mut self, now: DateTime<Utc>) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT serial FROM dpus \
+             WHERE ready AND last_heartbeat + lease_duration_ms * interval '1 millisecond' < $1",
+        )
+        .bind(now)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
+    async fn live_netdevs_on_dpu(&mut self, serial: String) -> Result<Vec<Key>> {
+        let rows = sqlx::query(
+            "SELECT namespace, name FROM objects WHERE dpu = $1 AND kind = 'Netdev' AND deleted_revision IS NULL",
+        )
+        .bind(serial)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter()
+            .map(|r| Ok(Key::new(Kind::Netdev, r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?)))
+            .collect()
+    }
+
+    async fn count_allocations(&mut self, network: String) -> Result<i64> {
+        let row = sqlx::query("SELECT count(*) FROM ip_allocations WHERE network = $1")
+            .bind(network)
+            .fetch_one(&mut *self.tx)
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    async fn allocation_of(&mut self, namespace: String, name: String) -> Result<Option<(String, String)>> {
+        let row = sqlx::query("SELECT network, address FROM ip_allocations WHERE namespace = $1 AND name = $2")
+            .bind(namespace)
+            .bind(name)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    }
+
+    async fn pool_offset(&mut self, network: String) -> Result<Option<u128>> {
+        let row = sqlx::query("SELECT next_offset FROM ip_pools WHERE network = $1")
+            .bind(network)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        Ok(row.and_then(|r| r.try_get::<String, _>(0).ok()).and_then(|s| s.parse().ok()))
+    }
+
+    async fn taken(&mut self, network: String, addresses: Vec<String>) -> Result<HashMap<String, (String, String)>> {
+        let rows =
+            sqlx::query("SELECT address, namespace, name FROM ip_allocations WHERE network = $1 AND address = ANY($2)")
+                .bind(network)
+                .bind(addresses)
+                .fetch_all(&mut *self.tx)
+                .await?;
+        rows.iter().map(|r| Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?)))).collect()
+    }
+
+    async fn max_status_seq(&mut self, author: String) -> Result<i64> {
+        let row = sqlx::query("SELECT COALESCE(max(seq), 0)::int8 FROM statuses WHERE author = $1")
+            .bind(author)
+            .fetch_one(&mut *self.tx)
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    async fn flush(&mut self, f: Flush) -> Result<Compacted> {
+        let tx = &mut *self.tx;
+        if !f.objects.is_empty() {
+            let keys: Vec<Key> = f.objects.iter().map(|o| o.key.clone()).collect();
+            let (k, ns, n) = key_arrays(&keys);
+            let (mut dpus, mut selectors) = (Vec::new(), Vec::new());
+            for route in &f.routes {
+                let (d, s) = route_columns(route);
+                dpus.push(d);
+                selectors.push(s);
+            }
+            sqlx::query(
+                "INSERT INTO objects (kind, namespace, name, uid, generation, revision, labels, spec, dpu, \
+                     selector, spec_author, created_at, updated_at, deleted_revision) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::int8[], $6::int8[], \
+                     $7::jsonb[], $8::jsonb[], $9::text[], $10::jsonb[], $11::text[], $12::timestamptz[], \
+                     $13::timestamptz[], $14::int8[]) \
+                 ON CONFLICT (kind, namespace, name) DO UPDATE SET uid = EXCLUDED.uid, \
+                     generation = EXCLUDED.generation, revision = EXCLUDED.revision, labels = EXCLUDED.labels, \
+                     spec = EXCLUDED.spec, dpu = EXCLUDED.dpu, selector = EXCLUDED.selector, \
+                     spec_author = EXCLUDED.spec_author, created_at = EXCLUDED.created_at, \
+                     updated_at = EXCLUDED.updated_at, deleted_revision = EXCLUDED.deleted_revision",
+            )
+            .bind(k)
+            .bind(ns)
+            .bind(n)
+            .bind(f.objects.iter().map(|o| o.uid).collect::<Vec<Uuid>>())
+            .bind(f.objects.iter().map(|o| o.generation).collect::<Vec<_>>())
+            .bind(f.objects.iter().map(|o| o.revision).collect::<Vec<_>>())
+            .bind(f.objects.iter().map(|o| labels_json(&o.labels)).collect::<Vec<_>>())
+            .bind(f.objects.iter().map(|o| o.spec.clone()).collect::<Vec<_>>())
+            .bind(dpus)
+            .bind(selectors)
+            .bind(f.objects.iter().map(|o| o.spec_author.clone()).collect::<Vec<_>>())
+            .bind(f.objects.iter().map(|o| o.created_at).collect::<Vec<_>>())
+            .bind(f.objects.iter().map(|o| o.updated_at).collect::<Vec<_>>())
+            .bind(f.objects.iter().map(|o| o.deleted_revision).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !f.purge_statuses.is_empty() {
+            let (k, ns, n) = key_arrays(&f.purge_statuses);
+            sqlx::query(
+                "DELETE FROM statuses s USING UNNEST($1::text[], $2::text[], $3::text[]) AS k(kind, namespace, name) \
+                 WHERE s.kind = k.kind AND s.namespace = k.namespace AND s.name = k.name",
+            )
+            .bind(k)
+            .bind(ns)
+            .bind(n)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !f.delete_statuses.is_empty() {
+            let keys: Vec<Key> = f.delete_statuses.iter().map(|(k, _)| k.clone()).collect();
+            let (k, ns, n) = key_arrays(&keys);
+            let authors: Vec<String> = f.delete_statuses.iter().map(|(_, a)| a.clone()).collect();
+            sqlx::query(
+                "DELETE FROM statuses s \
+                 USING UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS k(kind, namespace, name, author) \
+                 WHERE s.kind = k.kind AND s.namespace = k.namespace AND s.name = k.name AND s.author = k.author",
+            )
+            .bind(k)
+            .bind(ns)
+            .bind(n)
+            .bind(authors)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !f.statuses.is_empty() {
+            let keys: Vec<Key> = f.statuses.iter().map(|s| s.key.clone()).collect();
+            let (k, ns, n) = key_arrays(&keys);
+            sqlx::query(
+                "INSERT INTO statuses (kind, namespace, name, author, observed_generation, seq, revision, status, updated_at) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], \
+                     $7::int8[], $8::jsonb[], $9::timestamptz[]) \
+                 ON CONFLICT (kind, namespace, name, author) DO UPDATE SET \
+                     observed_generation = EXCLUDED.observed_generation, seq = EXCLUDED.seq, \
+                     revision = EXCLUDED.revision, status = EXCLUDED.status, updated_at = EXCLUDED.updated_at",
+            )
+            .bind(k)
+            .bind(ns)
+            .bind(n)
+            .bind(f.statuses.iter().map(|s| s.author.clone()).collect::<Vec<_>>())
+            .bind(f.statuses.iter().map(|s| s.observed_generation).collect::<Vec<_>>())
+            .bind(f.statuses.iter().map(|s| s.seq).collect::<Vec<_>>())
+            .bind(f.statuses.iter().map(|s| s.revision).collect::<Vec<_>>())
+            .bind(f.statuses.iter().map(|s| s.status.clone()).collect::<Vec<_>>())
+            .bind(f.statuses.iter().map(|s| s.updated_at).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !f.log.is_empty() {
+            let keys: Vec<Key> = f.log.iter().map(|e| e.key.clone()).collect();
+            let (k, ns, n) = key_arrays(&keys);
+            let (mut dpus, mut selectors, mut prev) = (Vec::new(), Vec::new(), Vec::new());
+            for e in &f.log {
+                let (d, s) = route_columns(&e.route);
+                dpus.push(d);
+                selectors.push(s);
+                prev.push(e.prev_route.as_ref().and_then(|p| route_columns(p).1));
+            }
+            sqlx::query(
+                "INSERT INTO log (revision, kind, namespace, name, uid, generation, change, author, \
+                     observed_generation, labels, body, dpu, selector, prev_selector, at) \
+                 SELECT * FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::int8[], \
+                     $7::int2[], $8::text[], $9::int8[], $10::jsonb[], $11::jsonb[], $12::text[], $13::jsonb[], \
+                     $14::jsonb[], $15::timestamptz[])",
+            )
+            .bind(f.log.iter().map(|e| e.revision).collect::<Vec<_>>())
+            .bind(k)
+            .bind(ns)
+            .bind(n)
+            .bind(f.log.iter().map(|e| e.uid).collect::<Vec<_>>())
+            .bind(f.log.iter().map(|e| e.generation).collect::<Vec<_>>())
+            .bind(f.log.iter().map(|e| e.change.code()).collect::<Vec<_>>())
+            .bind(f.log.iter().map(|e| e.author.clone()).collect::<Vec<_>>())
+            .bind(f.log.iter().map(|e| e.observed_generation).collect::<Vec<_>>())
+            .bind(f.log.iter().map(|e| labels_json(&e.labels)).collect::<Vec<_>>())
+            .bind(f.log.iter().map(|e| e.body.clone()).collect::<Vec<_>>())
+            .bind(dpus)
+            .bind(selectors)
+            .bind(prev)
+            .bind(f.log.iter().map(|e| e.at).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !f.release_allocations.is_empty() {
+            let (ns, n): (Vec<String>, Vec<String>) = f.release_allocations.iter().cloned().unzip();
+            sqlx::query(
+                "DELETE FROM ip_allocations a USING UNNEST($1::text[], $2::text[]) AS k(namespace, name) \
+                 WHERE a.namespace = k.namespace AND a.name = k.name",
+            )
+            .bind(ns)
+            .bind(n)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !f.allocations.is_empty() {
+            sqlx::query(
+                "INSERT INTO ip_allocations (network, address, namespace, name, revision) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[])",
+            )
+            .bind(f.allocations.iter().map(|a| a.network.clone()).collect::<Vec<_>>())
+            .bind(f.allocations.iter().map(|a| a.address.clone()).collect::<Vec<_>>())
+            .bind(f.allocations.iter().map(|a| a.namespace.clone()).collect::<Vec<_>>())
+            .bind(f.allocations.iter().map(|a| a.name.clone()).collect::<Vec<_>>())
+            .bind(f.allocations.iter().map(|a| a.revision).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !f.pool_offsets.is_empty() {
+            sqlx::query(
+                "INSERT INTO ip_pools (network, next_offset) SELECT * FROM UNNEST($1::text[], $2::text[]) \
+                 ON CONFLICT (network) DO UPDATE SET next_offset = EXCLUDED.next_offset",
+            )
+            .bind(f.pool_offsets.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>())
+            .bind(f.pool_offsets.iter().map(|(_, o)| o.to_string()).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !f.dpus.is_empty() {
+            sqlx::query(
+                "INSERT INTO dpus (serial, ready, last_heartbeat, lease_duration_ms, applied_revision, registered_at) \
+                 SELECT * FROM UNNEST($1::text[], $2::bool[], $3::timestamptz[], $4::int8[], $5::int8[], $6::timestamptz[]) \
+                 ON CONFLICT (serial) DO UPDATE SET ready = EXCLUDED.ready, last_heartbeat = EXCLUDED.last_heartbeat, \
+                     lease_duration_ms = EXCLUDED.lease_duration_ms, applied_revision = EXCLUDED.applied_revision, \
+                     registered_at = EXCLUDED.registered_at",
+            )
+            .bind(f.dpus.iter().map(|d| d.serial.clone()).collect::<Vec<_>>())
+            .bind(f.dpus.iter().map(|d| d.ready).collect::<Vec<_>>())
+            .bind(f.dpus.iter().map(|d| d.last_heartbeat).collect::<Vec<_>>())
+            .bind(f.dpus.iter().map(|d| d.lease_duration_ms).collect::<Vec<_>>())
+            .bind(f.dpus.iter().map(|d| d.applied_revision).collect::<Vec<_>>())
+            .bind(f.dpus.iter().map(|d| d.registered_at).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !f.delete_dpus.is_empty() {
+            sqlx::query("DELETE FROM dpus WHERE serial = ANY($1)").bind(&f.delete_dpus).execute(&mut *tx).await?;
+        }
+        let mut compacted = Compacted::default();
+        if let Some(to) = f.compact_to {
+            let log = sqlx::query("DELETE FROM log WHERE revision <= $1").bind(to).execute(&mut *tx).await?;
+            let tomb = sqlx::query("DELETE FROM objects WHERE deleted_revision IS NOT NULL AND deleted_revision <= $1")
+                .bind(to)
+                .execute(&mut *tx)
+                .await?;
+            let row = sqlx::query(
+                "UPDATE xpu_meta SET compacted_revision = GREATEST(compacted_revision, $1) WHERE id = 1 \
+                 RETURNING compacted_revision",
+            )
+            .bind(to)
+            .fetch_one(&mut *tx)
+            .await?;
+            compacted = Compacted {
+                compacted_revision: row.try_get(0)?,
+                log_entries_removed: log.rows_affected(),
+                tombstones_removed: tomb.rows_affected(),
+            };
+        }
+        if !f.log.is_empty() {
+            sqlx::query("UPDATE xpu_meta SET revision = $1 WHERE id = 1").bind(f.head).execute(&mut *tx).await?;
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(NOTIFY_CHANNEL)
+                .bind(format!("{}:{}", self.replica, f.head))
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(compacted)
+    }
+
+    async fn commit(self) -> Result<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}

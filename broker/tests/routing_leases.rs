@@ -1,0 +1,327 @@
+//! Routing of fabric objects by DPU labels, slow-consumer cut-off, DPU leases, and the gRPC
+//! health and reflection services.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sqlx::PgPool;
+use xpu_proto::broker::v1::{self as pb, watch_event::Event as E};
+
+async fn register_with(b: &TestBroker, serial: &str, labels: &[(&str, &str)]) {
+    b.agent(serial)
+        .await
+        .register(pb::RegisterRequest {
+            serial: serial.into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+fn selected_lb(name: &str, vlan: u32, rack: &str) -> pb::Resource {
+    let mut r = mk_lb(name, vlan);
+    if let Some(pb::resource::Kind::LogicalBridge(l)) = r.kind.as_mut() {
+        l.spec.as_mut().unwrap().dpu_selector =
+            Some(pb::LabelSelector { match_labels: [("rack".to_string(), rack.to_string())].into() });
+    }
+    r
+}
+
+/// The next change a DPU stream delivers: (type, name).
+async fn next(stream: &mut tonic::Streaming<pb::WatchEvent>) -> Option<(pb::ChangeType, String)> {
+    let ev = next_change(stream, Duration::from_millis(800)).await?;
+    let Some(E::Change(c)) = ev.event else {
+        return None;
+    };
+    let key = xpu_broker::model::convert::resource_key(c.object.as_ref()?)?;
+    Some((pb::ChangeType::try_from(c.r#type).ok()?, key.name))
+}
+
+#[sqlx::test(migrations = "../migrations/postgres")]
+async fn fabric_objects_reach_the_dpus_their_selector_matches(pool: PgPool) {
+    let b = TestBroker::start(pool).await;
+    register_with(&b, "dpu-1", &[("rack", "r1")]).await;
+    register_with(&b, "dpu-2", &[("rack", "r2")]).await;
+    let head = b.admin().await.fleet_status(pb::FleetStatusRequest {}).await.unwrap().into_inner().revision;
+    let mut s1 = b
+        .agent("dpu-1")
+        .await
+        .watch_desired(pb::WatchDesiredRequest { serial: "dpu-1".into(), since_revision: head })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut s2 = b
+        .agent("dpu-2")
+        .await
+        .watch_desired(pb::WatchDesiredRequest { serial: "dpu-2".into(), since_revision: head })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut admin = b.admin().await;
+
+    admin.apply(apply_req(selected_lb("lb-r1", 11, "r1"))).await.unwrap();
+    admin.apply(apply_req(mk_lb("lb-all", 12))).await.unwrap();
+    assert_eq!(next(&mut s1).await, Some((pb::ChangeType::Spec, "lb-r1".into())));
+    assert_eq!(next(&mut s1).await, Some((pb::ChangeType::Spec, "lb-all".into())));
+    assert_eq!(next(&mut s2).await, Some((pb::ChangeType::Spec, "lb-all".into())), "dpu-2 never sees lb-r1");
+
+    // Moving lb-r1 to rack r2: a delete for dpu-1, a create for dpu-2.
+    admin.apply(apply_req(selected_lb("lb-r1", 11, "r2"))).await.unwrap();
+    assert_eq!(next(&mut s1).await, Some((pb::ChangeType::Deleted, "lb-r1".into())));
+    assert_eq!(next(&mut s2).await, Some((pb::ChangeType::Spec, "lb-r1".into())));
+
+    // A DPU whose labels change gets a fresh snapshot of what it should now hold.
+    register_with(&b, "dpu-1", &[("rack", "r2")]).await;
+    let ev = next_change(&mut s1, Duration::from_secs(3)).await.unwrap();
+    assert!(matches!(ev.event, Some(E::Resync(_))), "{ev:?}");
+    let mut names = Vec::new();
+    loop {
+        let ev = next_change(&mut s1, Duration::from_secs(3)).await.unwrap();
+        match ev.event {
+            Some(E::Change(c)) => {
+                names.push(xpu_broker::model::convert::resource_key(c.object.as_ref().unwrap()).unwrap().name)
+            }
+            Some(E::SnapshotEnd(_)) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    names.sort();
+    assert_eq!(names, vec!["lb-all", "lb-r1"]);
+
+    // A status report for an object not routed to the reporter is NOT_FOUND, not written.
+    let r = b
+        .agent("dpu-2")
+        .await
+        .report_status(pb::ReportStatusRequest {
+            serial: "dpu-2".into(),
+            reports: vec![pb::StatusReport {
+                key: Some(key(pb::Kind::LogicalBridge, "", "lb-all")),
+                observed_generation: 1,
+                seq: 1,
+                status: Some(pb::status_report::Status::Object(pb::DpuObjectStatus {
+                    phase: "Programmed".into(),
+                    oper_status: "UP".into(),
+                    ..Default::default()
+                })),
+                removed: false,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results[0].outcome, pb::ReportOutcome::Accepted as i32);
+    let lb =
+        admin.get(pb::GetRequest { key: Some(key(pb::Kind::LogicalBridge, "", "lb-all")) }).await.unwrap().into_inner();
+    let Some(pb::resource::Kind::LogicalBridge(lb)) = lb.kind else { panic!() };
+    let st = lb.status.unwrap();
+    assert_eq!(st.dpus.len(), 1);
+    assert_eq!(st.dpus[0].dpu, "dpu-2");
+    assert_eq!(st.conditions[0].status, "True", "every reporting DPU programmed it: {:?}", st.conditions);
+    b.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations/postgres")]
+async fn a_slow_consumer_is_cut_off_and_told_where_to_resume(pool: PgPool) {
+    let pki = Pki::new();
+    let mut config = test_config(&pki);
+    config.stream_buffer = 16;
+    let b = TestBroker::start_with(pool, pki, config).await;
+    register_with(&b, "dpu-slow", &[]).await;
+    register_with(&b, "dpu-fast", &[]).await;
+    let head = b.admin().await.fleet_status(pb::FleetStatusRequest {}).await.unwrap().into_inner().revision;
+    let mut slow = b
+        .agent("dpu-slow")
+        .await
+        .watch_desired(pb::WatchDesiredRequest { serial: "dpu-slow".into(), since_revision: head })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut fast = b
+        .agent("dpu-fast")
+        .await
+        .watch_desired(pb::WatchDesiredRequest { serial: "dpu-fast".into(), since_revision: head })
+        .await
+        .unwrap()
+        .into_inner();
+    let reader = tokio::spawn(async move {
+        let mut n = 0;
+        while n < 3000 {
+            match next(&mut fast).await {
+                Some(_) => n += 1,
+                None => break,
+            }
+        }
+        n
+    });
+    let mut admin = b.admin().await;
+    // 3000 changes every DPU wants, far more than the slow stream's buffers hold.
+    let mut writers = Vec::new();
+    for w in 0..4u32 {
+        let mut admin = admin.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..750u32 {
+                // ~3 KiB per change, so that HTTP/2 flow-control windows fill up too.
+                let mut lb = mk_lb(&format!("lb-{w}-{i}"), 1 + i);
+                if let Some(pb::resource::Kind::LogicalBridge(l)) = lb.kind.as_mut() {
+                    l.metadata.as_mut().unwrap().labels =
+                        (0..48).map(|k| (format!("label-{k}"), "v".repeat(60))).collect();
+                }
+                admin.apply(apply_req(lb)).await.unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert_eq!(reader.await.unwrap(), 3000, "the fast stream got everything");
+    // The slow one, read now, ends with a clear error naming the revision to resume from.
+    let mut last_rev = head;
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), slow.message()).await.expect("slow stream answers") {
+            Ok(Some(ev)) => last_rev = ev.revision,
+            Ok(None) => panic!("the slow stream must end with an error"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        status.message().contains(&format!("resume from revision {last_rev}")),
+        "{} (last {last_rev})",
+        status.message()
+    );
+    // Resuming from there yields the rest without a snapshot.
+    let mut again = b
+        .agent("dpu-slow")
+        .await
+        .watch_desired(pb::WatchDesiredRequest { serial: "dpu-slow".into(), since_revision: last_rev })
+        .await
+        .unwrap()
+        .into_inner();
+    let ev = next_change(&mut again, Duration::from_secs(5)).await.unwrap();
+    assert!(matches!(ev.event, Some(E::Change(_))), "{ev:?}");
+    assert_eq!(ev.revision, last_rev + 1);
+    let _ = admin.fleet_status(pb::FleetStatusRequest {}).await.unwrap();
+    b.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations/postgres")]
+async fn leases_lapse_without_heartbeats_and_come_back(pool: PgPool) {
+    let pki = Pki::new();
+    let mut config = test_config(&pki);
+    config.service.lease_duration = Duration::from_millis(800);
+    config.service.heartbeat_interval = Duration::from_millis(200);
+    let b = TestBroker::start_with(pool, pki, config).await;
+    seed_network(&b, "net-a", "10.11.0.0/24", "10.11.0.1").await;
+    let mut agent = b.agent("dpu-l").await;
+    let reg = agent
+        .register(pb::RegisterRequest { serial: "dpu-l".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reg.heartbeat_interval_ms, 200);
+    assert_eq!(reg.lease_duration_ms, 800);
+    assert_eq!(reg.dpu.unwrap().status.unwrap().lease_state, "Ready");
+    let mut admin = b.admin().await;
+    admin.apply(apply_req(mk_netdev("pods", "dpu-l", 0, "node-1", "net-a"))).await.unwrap();
+    let k = key(pb::Kind::Netdev, "pods", "dpu-l-pf0-vf0");
+    agent
+        .report_status(pb::ReportStatusRequest {
+            serial: "dpu-l".into(),
+            reports: vec![report(k.clone(), 1, 1, netdev_status("Connected", "10.11.0.2/24"))],
+        })
+        .await
+        .unwrap();
+    let lease = |admin: &mut xpu_proto::broker::v1::admin_service_client::AdminServiceClient<
+        tonic::transport::Channel,
+    >| {
+        let mut admin = admin.clone();
+        async move {
+            let d =
+                admin.get(pb::GetRequest { key: Some(key(pb::Kind::Dpu, "", "dpu-l")) }).await.unwrap().into_inner();
+            let Some(pb::resource::Kind::Dpu(d)) = d.kind else { panic!() };
+            d.status.unwrap()
+        }
+    };
+    let netdev_stale =
+        |admin: &mut xpu_proto::broker::v1::admin_service_client::AdminServiceClient<tonic::transport::Channel>| {
+            let mut admin = admin.clone();
+            let k = k.clone();
+            async move {
+                let n = admin.get(pb::GetRequest { key: Some(k) }).await.unwrap().into_inner();
+                let Some(pb::resource::Kind::Netdev(n)) = n.kind else { panic!() };
+                n.status.unwrap().stale
+            }
+        };
+    // Heartbeats keep it Ready.
+    for _ in 0..6 {
+        agent.heartbeat(pb::HeartbeatRequest { serial: "dpu-l".into(), applied_revision: 3 }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let st = lease(&mut admin).await;
+    assert_eq!(st.lease_state, "Ready");
+    assert_eq!(st.applied_revision, 3);
+    assert!(!netdev_stale(&mut admin).await);
+    // Silence: the lease lapses, the DPU is Unknown and what it reported is flagged stale; nothing is evicted.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let st = lease(&mut admin).await;
+    assert_eq!(st.lease_state, "Unknown");
+    assert_eq!(st.conditions[0].reason, "LeaseLapsed");
+    assert!(netdev_stale(&mut admin).await);
+    let fleet = admin.fleet_status(pb::FleetStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((fleet.dpus_ready, fleet.dpus_unknown), (0, 1));
+    assert_eq!(fleet.netdevs_by_phase.get("Connected"), Some(&1));
+    // A heartbeat brings it back.
+    agent.heartbeat(pb::HeartbeatRequest { serial: "dpu-l".into(), applied_revision: 4 }).await.unwrap();
+    assert_eq!(lease(&mut admin).await.lease_state, "Ready");
+    assert!(!netdev_stale(&mut admin).await);
+    // An unregistered DPU must register before heartbeating.
+    let e = b
+        .agent("dpu-new")
+        .await
+        .heartbeat(pb::HeartbeatRequest { serial: "dpu-new".into(), applied_revision: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(e.message().contains("register first"));
+    b.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations/postgres")]
+async fn health_and_reflection_are_served(pool: PgPool) {
+    let b = TestBroker::start(pool).await;
+    let ch = b.channel("admin/test").await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    for service in ["", "xpu.broker.v1.AgentService", "xpu.broker.v1.HostService"] {
+        let r =
+            health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{service}");
+    }
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut refl = ServerReflectionClient::new(ch);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let msg = resp.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else { panic!("{msg:?}") };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for s in [
+        "xpu.broker.v1.AgentService",
+        "xpu.broker.v1.SyncService",
+        "xpu.broker.v1.HostService",
+        "xpu.broker.v1.AdminService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&s.to_string()), "{s} in {names:?}");
+    }
+    b.stop().await;
+}
