@@ -8,18 +8,35 @@ use prost::Message;
 
 const BROKER_PROTOS: &[&str] = &["proto/xpu/broker/v1/resources.proto", "proto/xpu/broker/v1/broker.proto"];
 
+/// The OPI EVPN gateway API, wire-compatible with `opi_api.network.evpn_gw.v1alpha1`.
+const OPI_PROTOS: &[&str] = &[
+    "proto/network/opinetcommon/networktypes.proto",
+    "proto/network/evpn-gw/component.proto",
+    "proto/network/evpn-gw/l2_xpu_infra_mgr.proto",
+    "proto/network/evpn-gw/l3_xpu_infra_mgr.proto",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=build.rs");
 
-    let fds = protox::compile(BROKER_PROTOS, ["proto"])?;
-    let descriptor_bytes = fds.encode_to_vec();
+    let broker = protox::compile(BROKER_PROTOS, ["proto"])?;
+    let descriptor_bytes = broker.encode_to_vec();
     fs::write(out.join("xpu_broker_descriptor.bin"), &descriptor_bytes)?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
         .emit_rerun_if_changed(false)
-        .compile_fds(fds)?;
+        .compile_fds(broker)?;
     pbjson_build::Builder::new().register_descriptors(&descriptor_bytes)?.build(&[".xpu.broker.v1"])?;
+
+    let opi = protox::compile(OPI_PROTOS, ["proto"])?;
+    fs::write(out.join("opi_evpn_gw_descriptor.bin"), opi.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .emit_rerun_if_changed(false)
+        .compile_fds(opi)?;
     Ok(())
 }

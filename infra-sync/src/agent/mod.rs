@@ -1,0 +1,297 @@
+//! The per-DPU agent: registers with the broker, follows the desired state of its DPU from the
+//! revision it last applied, programs the dataplane and reports what it observed.
+//!
+//! It keeps working without the broker: the dataplane stays as it is, the persisted desired state
+//! is re-applied at start, and the broker connection is retried with jittered backoff.
+
+pub mod args;
+mod reconcile;
+pub mod report;
+pub mod state;
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use rand::Rng;
+use tokio::sync::Notify;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use xpu_proto::broker::v1::{self as pb, agent_service_client::AgentServiceClient, watch_event::Event as E};
+
+use self::{
+    reconcile::Reconciler,
+    report::StatusBook,
+    state::{DesiredState, StateFile, identify},
+};
+use crate::dataplane::Dataplane;
+
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// `https://host:port`
+    pub broker: String,
+    pub tls: TlsFiles,
+    pub serial: String,
+    pub state_dir: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    pub product: String,
+    pub vf_count: u32,
+    pub infra_node_name: String,
+    pub tenant_node_name: String,
+    /// How often flow counters are re-read (changes are reported).
+    pub flow_interval: Duration,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+/// The TLS channel to the broker (mutual TLS with the agent's `xpu://dpu/<serial>` certificate).
+pub fn broker_channel(broker: &str, tls: &TlsFiles) -> anyhow::Result<Endpoint> {
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
+        .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+    Ok(Endpoint::from_shared(broker.to_string())
+        .with_context(|| format!("broker address {broker}"))?
+        .tls_config(config)?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true))
+}
+
+struct Shared {
+    config: AgentConfig,
+    dataplane: Arc<dyn Dataplane>,
+    state: Arc<Mutex<DesiredState>>,
+    file: StateFile,
+    book: Arc<StatusBook>,
+    wake: Arc<Notify>,
+    sweeps: Arc<Notify>,
+    endpoint: Endpoint,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DesiredState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn persist(&self) {
+        let mut s = self.lock();
+        if !s.dirty {
+            return;
+        }
+        match self.file.save(&self.config.serial, &s) {
+            Ok(()) => s.dirty = false,
+            Err(e) => {
+                tracing::error!(error = %e, path = %self.file.path().display(), "cannot persist the desired state")
+            }
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(
+    config: AgentConfig,
+    dataplane: Arc<dyn Dataplane>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let file =
+        StateFile::new(&config.state_dir).with_context(|| format!("state directory {}", config.state_dir.display()))?;
+    let state = match file.load(&config.serial)? {
+        Some(s) => {
+            tracing::info!(revision = s.revision, objects = s.objects.len(), "resuming from the persisted state");
+            s
+        }
+        None => {
+            tracing::info!("no persisted state: waiting for a snapshot from the broker");
+            DesiredState::default()
+        }
+    };
+    let endpoint = broker_channel(&config.broker, &config.tls)?;
+    let shared = Arc::new(Shared {
+        config,
+        dataplane: Arc::clone(&dataplane),
+        state: Arc::new(Mutex::new(state)),
+        file,
+        book: Arc::new(StatusBook::default()),
+        wake: Arc::new(Notify::new()),
+        sweeps: Arc::new(Notify::new()),
+        endpoint,
+    });
+    let reconciler = Reconciler::new(
+        dataplane,
+        Arc::clone(&shared.state),
+        Arc::clone(&shared.book),
+        Arc::clone(&shared.wake),
+        shared.config.flow_interval,
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(reconciler.run(Arc::clone(&shared.sweeps)));
+    shared.wake.notify_one();
+    {
+        let shared = Arc::clone(&shared);
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                shared.persist();
+            }
+        });
+    }
+    {
+        let shared = Arc::clone(&shared);
+        tasks.spawn(async move { broker_loop(shared).await });
+    }
+    shutdown.await;
+    tracing::info!("stopping; the dataplane is left as it is");
+    tasks.abort_all();
+    shared.persist();
+    Ok(())
+}
+
+/// Keeps a session with the broker, reconnecting with jittered exponential backoff.
+async fn broker_loop(shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let started = tokio::time::Instant::now();
+        match session(&shared).await {
+            Ok(()) => tracing::info!("the broker ended the session"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "broker session failed"),
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(250);
+        }
+        let jitter = rand::rng().random_range(0.5..1.5);
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(shared.config.max_backoff);
+    }
+}
+
+fn inventory(shared: &Shared) -> pb::DpuInventory {
+    pb::DpuInventory {
+        product: shared.config.product.clone(),
+        pf_count: 1,
+        vf_count: shared.config.vf_count,
+        sf_count: 0,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        dataplane: shared.dataplane.name().into(),
+        capabilities: shared.dataplane.capabilities().into_iter().collect(),
+    }
+}
+
+async fn session(shared: &Arc<Shared>) -> anyhow::Result<()> {
+    let channel: Channel = shared.endpoint.connect().await.context("connecting to the broker")?;
+    let mut client = AgentServiceClient::new(channel);
+    let serial = shared.config.serial.clone();
+    let reg = client
+        .register(pb::RegisterRequest {
+            serial: serial.clone(),
+            inventory: Some(inventory(shared)),
+            labels: shared.config.labels.clone().into_iter().collect(),
+            infra_node_name: shared.config.infra_node_name.clone(),
+            tenant_node_name: shared.config.tenant_node_name.clone(),
+        })
+        .await
+        .context("Register")?
+        .into_inner();
+    tracing::info!(revision = reg.current_revision, "registered with the broker");
+    shared.book.resend_all(reg.last_status_seq);
+
+    let heartbeat = {
+        let mut client = client.clone();
+        let shared = Arc::clone(shared);
+        let every = Duration::from_millis(u64::from(reg.heartbeat_interval_ms.max(200)));
+        async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let applied = shared.lock().revision;
+                let req = pb::HeartbeatRequest { serial: shared.config.serial.clone(), applied_revision: applied };
+                client.heartbeat(req).await.map_err(|e| anyhow::anyhow!("Heartbeat: {e}"))?;
+            }
+        }
+    };
+    let flush = report::flush_loop(&shared.book, client.clone(), &serial);
+    let since = shared.lock().revision;
+    tracing::info!(since_revision = since, "watching the desired state");
+    let mut stream = client
+        .watch_desired(pb::WatchDesiredRequest { serial: serial.clone(), since_revision: since })
+        .await
+        .context("WatchDesired")?
+        .into_inner();
+    let watch = async {
+        let mut snapshot: Option<Vec<pb::Resource>> = None;
+        while let Some(ev) = stream.next().await {
+            let ev = ev.map_err(|e| anyhow::anyhow!("desired-state stream: {}: {}", e.code(), e.message()))?;
+            handle_event(shared, ev, &mut snapshot);
+        }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        r = heartbeat => r,
+        r = flush => r,
+        r = watch => r,
+    }
+}
+
+fn handle_event(shared: &Shared, ev: pb::WatchEvent, snapshot: &mut Option<Vec<pb::Resource>>) {
+    let revision = ev.revision;
+    match ev.event {
+        Some(E::Resync(r)) => {
+            tracing::info!(revision, reason = r.reason, "the broker sends a snapshot");
+            *snapshot = Some(Vec::new());
+        }
+        Some(E::Change(c)) if snapshot.is_some() => {
+            if let (Some(buf), Some(obj)) = (snapshot.as_mut(), c.object) {
+                buf.push(obj);
+            }
+        }
+        Some(E::SnapshotEnd(_)) => {
+            let objects = snapshot.take().unwrap_or_default();
+            let mut s = shared.lock();
+            s.objects = objects.iter().filter_map(identify).collect();
+            s.revision = revision;
+            s.known = true;
+            s.dirty = true;
+            drop(s);
+            tracing::info!(revision, "snapshot applied to the desired state");
+            shared.sweeps.notify_one();
+            shared.wake.notify_one();
+        }
+        Some(E::Change(c)) => {
+            let deleted = c.r#type == pb::ChangeType::Deleted as i32;
+            let mut s = shared.lock();
+            if let Some((key, obj)) = c.object.as_ref().and_then(identify) {
+                if deleted {
+                    s.objects.remove(&key);
+                } else {
+                    s.objects.insert(key, obj);
+                }
+            }
+            s.revision = s.revision.max(revision);
+            s.dirty = true;
+            drop(s);
+            shared.wake.notify_one();
+        }
+        Some(E::Bookmark(_)) => {
+            let mut s = shared.lock();
+            if revision > s.revision {
+                s.revision = revision;
+                s.dirty = true;
+            }
+        }
+        None => {}
+    }
+}
