@@ -16,6 +16,13 @@ const OPI_PROTOS: &[&str] = &[
     "proto/network/evpn-gw/l3_xpu_infra_mgr.proto",
 ];
 
+/// The kubelet's device-plugin (v1beta1) and PodResources (v1) APIs, and the host agent's local API.
+const HOST_PROTOS: &[&str] = &[
+    "proto/kubelet/deviceplugin/v1beta1/api.proto",
+    "proto/kubelet/podresources/v1/api.proto",
+    "proto/xpu/host/v1/hostagent.proto",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     println!("cargo:rerun-if-changed=proto");
@@ -38,5 +45,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .emit_rerun_if_changed(false)
         .compile_fds(opi)?;
+
+    let host = protox::compile(HOST_PROTOS, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .emit_rerun_if_changed(false)
+        .compile_fds(host)?;
     Ok(())
 }

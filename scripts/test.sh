@@ -71,6 +71,21 @@ ensure_postgres() {
   export DATABASE_URL="postgres://postgres@$PGHOST_ADDR:$port/postgres"
 }
 
+# The dataplane and pod-attach tests run in network namespaces and drive nftables and ping.
+ensure_tools() {
+  local missing=()
+  command -v nft >/dev/null 2>&1 || missing+=(nftables)
+  command -v ping >/dev/null 2>&1 || missing+=(iputils-ping)
+  command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  [ ${#missing[@]} -eq 0 ] && return
+  log "installing ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+ensure_tools
 ensure_postgres
 log "DATABASE_URL=$DATABASE_URL"
 cargo test --workspace --locked "$@"

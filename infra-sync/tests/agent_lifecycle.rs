@@ -4,15 +4,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+fn agent_bin() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_BIN_EXE_dpu-agent"))
+}
 
 use std::time::Duration;
 
-use common::*;
 use sqlx::PgPool;
 use xpu_proto::broker::v1::{
     self as pb, admin_service_client::AdminServiceClient, host_service_client::HostServiceClient,
 };
+use xpu_testkit::*;
 
 async fn programmed(
     admin: &AdminServiceClient<tonic::transport::Channel>,
@@ -43,7 +45,7 @@ async fn a_restarted_agent_resumes_from_its_revision_and_removes_orphans(pool: P
     let state = tempfile::tempdir().unwrap();
     let certs = pki.issue(&format!("dpu/{SERIAL}"));
     let url = format!("https://{}:{}", topo.root_ip, broker.grpc.port());
-    let mut agent = Agent::spawn(Some(&topo.dpu), &url, &certs, SERIAL, state.path(), &[]);
+    let mut agent = Agent::spawn(&agent_bin(), Some(&topo.dpu), &url, &certs, SERIAL, state.path(), &[]);
     programmed(&admin, pb::Kind::Svi, "svi-10", SERIAL).await;
     // Let a bookmark reach it and be persisted, then kill it hard.
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -64,7 +66,7 @@ async fn a_restarted_agent_resumes_from_its_revision_and_removes_orphans(pool: P
     topo.in_dpu("ip link set dev xbdeadbeef alias xpu:LogicalBridge/ghost");
     let before_restart = std::fs::read_to_string(&agent.log).unwrap().len();
 
-    let agent = Agent::spawn(Some(&topo.dpu), &url, &certs, SERIAL, state.path(), &[]);
+    let agent = Agent::spawn(&agent_bin(), Some(&topo.dpu), &url, &certs, SERIAL, state.path(), &[]);
     programmed(&admin, pb::Kind::LogicalBridge, "lb-20", SERIAL).await;
     eventually(Duration::from_secs(10), "the orphan removed", || {
         let gone = !topo.in_dpu("ip -j link show").contains("xbdeadbeef");
@@ -95,7 +97,7 @@ async fn a_broker_outage_leaves_the_dataplane_alone_and_the_agent_reconnects(poo
     let state = tempfile::tempdir().unwrap();
     let certs = pki.issue(&format!("dpu/{SERIAL}"));
     let url = format!("https://{}:{}", topo.root_ip, port);
-    let agent = Agent::spawn(Some(&topo.dpu), &url, &certs, SERIAL, state.path(), &[]);
+    let agent = Agent::spawn(&agent_bin(), Some(&topo.dpu), &url, &certs, SERIAL, state.path(), &[]);
     let mut ips = Vec::new();
     for vf in 0..2u32 {
         let att = attach(&mut host, SERIAL, vf, "node-1").await.unwrap().attachment.unwrap();
@@ -141,7 +143,7 @@ async fn an_agent_cannot_act_for_another_dpu(pool: PgPool) {
     let state = tempfile::tempdir().unwrap();
     let certs = pki.issue("dpu/dpu-a");
     let url = format!("https://{}:{}", topo.root_ip, broker.grpc.port());
-    let agent = Agent::spawn(Some(&topo.dpu), &url, &certs, "dpu-b", state.path(), &[]);
+    let agent = Agent::spawn(&agent_bin(), Some(&topo.dpu), &url, &certs, "dpu-b", state.path(), &[]);
     eventually(Duration::from_secs(10), "the refusal in the agent's log", || {
         let log = agent.log_text();
         async move { log.contains("dpu dpu-a cannot act for dpu dpu-b").then_some(()) }

@@ -4,15 +4,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+fn agent_bin() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_BIN_EXE_dpu-agent"))
+}
 
 use std::time::Duration;
 
-use common::*;
 use sqlx::PgPool;
 use xpu_proto::broker::v1::{
     self as pb, admin_service_client::AdminServiceClient, host_service_client::HostServiceClient,
 };
+use xpu_testkit::*;
 
 const SERIAL: &str = "bf3-e2e";
 
@@ -29,6 +31,7 @@ async fn pods_ping_through_the_linux_dataplane_and_flow_rules_count(pool: PgPool
     let certs = pki.issue(&format!("dpu/{SERIAL}"));
     let url = format!("https://{}:{}", topo.root_ip, broker.grpc.port());
     let agent = Agent::spawn(
+        &agent_bin(),
         Some(&topo.dpu),
         &url,
         &certs,

@@ -530,16 +530,18 @@ async fn dp_programs_vrf_bridge_svi_netdev() {
     let saved = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
     assert!(saved.contains(&port.port_name), "{saved}");
 
-    // Applying the same again changes nothing on the server.
+    // Applying the same again changes nothing on the server: not even a Create or Update is sent.
     let writes = sim.writes();
+    let requests = sim.change_requests();
     for o in &objs {
         assert_up(&dp.apply(o).await.unwrap(), "re-apply");
     }
     assert_eq!(sim.writes(), writes, "re-applying must not write");
+    assert_eq!(sim.change_requests(), requests, "re-applying must only read");
 
     // observe reads without writing.
     assert_up(&dp.observe(&objs[3]).await.unwrap(), "observe");
-    assert_eq!(sim.writes(), writes);
+    assert_eq!(sim.change_requests(), requests);
 
     // A changed spec is updated in place.
     let up = dp.apply(&lb("web", 20, 2010)).await.unwrap();

@@ -42,3 +42,28 @@ pub mod opi {
 
     pub use self::network::{evpn_gw::v1alpha1 as evpn_gw, opinetcommon::v1alpha1 as opinetcommon};
 }
+
+pub mod kubelet {
+    //! The kubelet's device-plugin API (`v1beta1`) and PodResources API (`v1`), wire-compatible.
+    pub mod deviceplugin {
+        pub mod v1beta1 {
+            #![allow(clippy::all, clippy::pedantic, missing_docs)]
+            tonic::include_proto!("v1beta1");
+        }
+    }
+
+    pub mod podresources {
+        pub mod v1 {
+            #![allow(clippy::all, clippy::pedantic, missing_docs)]
+            tonic::include_proto!("v1");
+        }
+    }
+}
+
+pub mod host {
+    pub mod v1 {
+        //! The host agent's local API (unix socket) for the device plugin and the CNI plugin.
+        #![allow(clippy::all, clippy::pedantic, missing_docs)]
+        tonic::include_proto!("xpu.host.v1");
+    }
+}

@@ -24,23 +24,6 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not key=value"))
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, mul) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 5s)"))?;
-    if !v.is_finite() || v <= 0.0 {
-        return Err(format!("{s:?} must be positive"));
-    }
-    Ok(Duration::from_secs_f64(v * mul))
-}
-
 #[derive(Debug, Parser)]
 #[command(
     name = "dpu-agent",
@@ -88,9 +71,9 @@ pub struct Args {
     #[arg(long, env = "XPU_TENANT_NODE", default_value = "")]
     tenant_node_name: String,
     /// How often flow counters are read.
-    #[arg(long, env = "XPU_FLOW_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "XPU_FLOW_INTERVAL", default_value = "2s", value_parser = xpu_sync_common::parse_duration)]
     flow_interval: Duration,
-    #[arg(long, env = "XPU_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "XPU_MAX_BACKOFF", default_value = "30s", value_parser = xpu_sync_common::parse_duration)]
     max_backoff: Duration,
     #[arg(long, env = "XPU_LOG", default_value = "info")]
     log: String,

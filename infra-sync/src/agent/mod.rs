@@ -21,8 +21,9 @@ use anyhow::Context as _;
 use futures::StreamExt;
 use rand::Rng;
 use tokio::sync::Notify;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 use xpu_proto::broker::v1::{self as pb, agent_service_client::AgentServiceClient, watch_event::Event as E};
+pub use xpu_sync_common::TlsFiles;
 
 use self::{
     reconcile::Reconciler,
@@ -30,13 +31,6 @@ use self::{
     state::{DesiredState, StateFile, identify},
 };
 use crate::dataplane::Dataplane;
-
-#[derive(Clone, Debug)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub ca: PathBuf,
-}
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -54,21 +48,6 @@ pub struct AgentConfig {
     pub flow_interval: Duration,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
-}
-
-/// The TLS channel to the broker (mutual TLS with the agent's `xpu://dpu/<serial>` certificate).
-pub fn broker_channel(broker: &str, tls: &TlsFiles) -> anyhow::Result<Endpoint> {
-    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-    let config = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
-        .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
-    Ok(Endpoint::from_shared(broker.to_string())
-        .with_context(|| format!("broker address {broker}"))?
-        .tls_config(config)?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(15))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true))
 }
 
 struct Shared {
@@ -119,7 +98,7 @@ pub async fn run(
             DesiredState::default()
         }
     };
-    let endpoint = broker_channel(&config.broker, &config.tls)?;
+    let endpoint = xpu_sync_common::broker_endpoint(&config.broker, &config.tls)?;
     let shared = Arc::new(Shared {
         config,
         dataplane: Arc::clone(&dataplane),
@@ -191,18 +170,28 @@ fn inventory(shared: &Shared) -> pb::DpuInventory {
     }
 }
 
+/// Unary calls to the broker must not hang on a stalled connection: the session is then
+/// restarted.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub(crate) fn unary<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(CALL_TIMEOUT);
+    req
+}
+
 async fn session(shared: &Arc<Shared>) -> anyhow::Result<()> {
     let channel: Channel = shared.endpoint.connect().await.context("connecting to the broker")?;
     let mut client = AgentServiceClient::new(channel);
     let serial = shared.config.serial.clone();
     let reg = client
-        .register(pb::RegisterRequest {
+        .register(unary(pb::RegisterRequest {
             serial: serial.clone(),
             inventory: Some(inventory(shared)),
             labels: shared.config.labels.clone().into_iter().collect(),
             infra_node_name: shared.config.infra_node_name.clone(),
             tenant_node_name: shared.config.tenant_node_name.clone(),
-        })
+        }))
         .await
         .context("Register")?
         .into_inner();
@@ -219,7 +208,7 @@ async fn session(shared: &Arc<Shared>) -> anyhow::Result<()> {
                 tick.tick().await;
                 let applied = shared.lock().revision;
                 let req = pb::HeartbeatRequest { serial: shared.config.serial.clone(), applied_revision: applied };
-                client.heartbeat(req).await.map_err(|e| anyhow::anyhow!("Heartbeat: {e}"))?;
+                client.heartbeat(unary(req)).await.map_err(|e| anyhow::anyhow!("Heartbeat: {e}"))?;
             }
         }
     };

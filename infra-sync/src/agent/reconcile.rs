@@ -172,7 +172,7 @@ impl Reconciler {
             .filter(|(k, a)| objects.get(*k).is_none_or(|o| o.uid != a.uid))
             .map(|(k, _)| k.clone())
             .collect();
-        gone.sort_by(|a, b| b.kind.cmp(&a.kind));
+        gone.sort_by_key(|k| std::cmp::Reverse(k.kind));
         for key in gone {
             let last = self.applied.get(&key).and_then(|a| a.desired.clone());
             self.remove(&key, last.as_ref(), !objects.contains_key(&key)).await;
@@ -182,7 +182,7 @@ impl Reconciler {
             match self.dataplane.owned().await {
                 Ok(mut owned) => {
                     owned.retain(|k| !objects.contains_key(k) && !self.applied.contains_key(k));
-                    owned.sort_by(|a, b| b.kind.cmp(&a.kind));
+                    owned.sort_by_key(|k| std::cmp::Reverse(k.kind));
                     for key in owned {
                         tracing::info!(object = %key, "removing an orphan");
                         self.remove(&key, None, false).await;

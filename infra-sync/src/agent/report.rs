@@ -116,10 +116,11 @@ impl StatusBook {
         let mut b = self.lock();
         for ((key, report), result) in sent.iter().zip(results) {
             let gone = result.outcome == pb::ReportOutcome::NotFound as i32;
-            if (report.removed || gone) && !b.pending.contains(key) {
-                if b.latest.get(key).is_some_and(|e| e.body == Body::Removed || gone) {
-                    b.latest.remove(key);
-                }
+            if (report.removed || gone)
+                && !b.pending.contains(key)
+                && b.latest.get(key).is_some_and(|e| e.body == Body::Removed || gone)
+            {
+                b.latest.remove(key);
             }
         }
     }
@@ -147,7 +148,8 @@ pub async fn flush_loop(
             continue;
         }
         let reports = batch.iter().map(|(_, r)| r.clone()).collect();
-        match client.report_status(pb::ReportStatusRequest { serial: serial.to_string(), reports }).await {
+        match client.report_status(super::unary(pb::ReportStatusRequest { serial: serial.to_string(), reports })).await
+        {
             Ok(resp) => {
                 tracing::debug!(reports = batch.len(), "statuses reported");
                 book.settle(&batch, &resp.into_inner().results);

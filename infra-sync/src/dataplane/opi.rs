@@ -4,9 +4,10 @@
 //!
 //! - **Ids.** Every object this agent creates has the id [`opi_id`]: `xpu-` followed by the object
 //!   name (`xpu-<namespace>-<name>` for namespaced kinds), lowercased, characters outside
-//!   `[a-z0-9-]` replaced by `-`; an id that would be longer than 63 characters (or end with `-`)
-//!   is cut and suffixed with `-<8 hex digits of fnv32>` so that it stays unique. Create is
-//!   idempotent by id, so applying twice is harmless.
+//!   `[a-z0-9-]` replaced by `-`; an id that would be longer than 63 characters (or end with `-`,
+//!   which AIP-122 ids may not) is cut to 54 characters and suffixed with `-<8 hex digits of
+//!   fnv32 of the unmodified "xpu-..." string>` so that it stays unique. Create is idempotent by
+//!   id, so applying twice is harmless.
 //! - **Names.** The server's names (`//network.opiproject.org/vrfs/<id>`, ...) are treated as
 //!   opaque: the agent keeps the name returned by Create for each [`ObjKey`] and persists that map
 //!   atomically (temporary file + rename) as `<state_dir>/opi-names.json`, so a restarted agent can

@@ -145,6 +145,12 @@ impl OpiSim {
         self.store.lock(Instant::now()).writes
     }
 
+    /// How many Create, Update and Delete requests the server received, whatever their outcome
+    /// (an idempotent client sends none when nothing changed).
+    pub fn change_requests(&self) -> u64 {
+        self.store.change_requests()
+    }
+
     /// Makes `component` report ERROR with `details` for every object of a kind it serves that is
     /// (or becomes) pending, so those objects stay DOWN until [`OpiSim::clear_failure`].
     pub fn fail_component(&self, component: &str, details: &str) {

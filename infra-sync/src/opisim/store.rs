@@ -11,7 +11,10 @@
 use std::{
     collections::BTreeMap,
     ops::Bound,
-    sync::{Mutex, MutexGuard},
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -105,11 +108,21 @@ pub(crate) struct Store {
     state: Mutex<State>,
     up_delay: Duration,
     delete_delay: Duration,
+    /// Create, Update and Delete requests received, whatever their outcome.
+    change_requests: AtomicU64,
 }
 
 impl Store {
     pub(crate) fn new(up_delay: Duration, delete_delay: Duration) -> Store {
-        Store { state: Mutex::new(State::default()), up_delay, delete_delay }
+        Store { state: Mutex::new(State::default()), up_delay, delete_delay, change_requests: AtomicU64::new(0) }
+    }
+
+    pub(crate) fn change_requests(&self) -> u64 {
+        self.change_requests.load(Ordering::Relaxed)
+    }
+
+    fn count_change_request(&self) {
+        self.change_requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Locks the state and applies every transition due by `now`.
@@ -157,6 +170,7 @@ impl Store {
     }
 
     pub(crate) fn create<K: Kind>(&self, id: &str, msg: Option<K::Msg>) -> Result<K::Msg, Status> {
+        self.count_change_request();
         let (_, spec) = K::into_parts(msg.ok_or_else(|| missing(K::FIELD))?);
         let spec = required_spec::<K>(spec)?;
         let id = if id.is_empty() {
@@ -218,6 +232,7 @@ impl Store {
     }
 
     pub(crate) fn delete<K: Kind>(&self, name: &str, allow_missing: bool) -> Result<(), Status> {
+        self.count_change_request();
         if name.is_empty() {
             return Err(missing("name"));
         }
@@ -254,6 +269,7 @@ impl Store {
         mask: Option<prost_types::FieldMask>,
         allow_missing: bool,
     ) -> Result<K::Msg, Status> {
+        self.count_change_request();
         let (name, spec_in) = K::into_parts(msg.ok_or_else(|| missing(K::FIELD))?);
         if name.is_empty() {
             return Err(missing(&format!("{}.name", K::FIELD)));
@@ -361,7 +377,7 @@ fn settle<K: Kind>(
     let table = K::table_mut(st);
     table.retain(|_, e| !(e.life == Life::Deleting && now.saturating_duration_since(e.since) >= delete_delay));
     for e in table.values_mut() {
-        if e.life == Life::Pending && !blocked && false && now.saturating_duration_since(e.since) >= up_delay {
+        if e.life == Life::Pending && !blocked && now.saturating_duration_since(e.since) >= up_delay {
             e.life = Life::Up;
         }
     }

@@ -156,10 +156,10 @@ impl LinuxDataplane {
         if let Some(d) = drop {
             keys.retain(|k| k != d);
         }
-        if let Some(a) = add {
-            if !keys.contains(a) {
-                keys.push(a.clone());
-            }
+        if let Some(a) = add
+            && !keys.contains(a)
+        {
+            keys.push(a.clone());
         }
         set_alias(dev, &keys).await
     }
@@ -309,10 +309,10 @@ impl LinuxDataplane {
         match last {
             Some(s) => {
                 for gw in &s.gw_ip_prefix {
-                    if let Err(e) = ip(&["addr", "del", gw, "dev", &br]).await {
-                        if !is_missing(&e) {
-                            return Err(e);
-                        }
+                    if let Err(e) = ip(&["addr", "del", gw, "dev", &br]).await
+                        && !is_missing(&e)
+                    {
+                        return Err(e);
                     }
                 }
             }

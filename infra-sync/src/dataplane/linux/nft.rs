@@ -143,10 +143,10 @@ pub async fn owned() -> DpResult<Vec<ObjKey>> {
         let Ok(items) = nft_json(&["list", "chain", "netdev", name, "owner"]).await else { continue };
         for item in items {
             let comment = item.get("rule").and_then(|r| r.get("comment")).and_then(Value::as_str).unwrap_or_default();
-            if let Some(rest) = comment.strip_prefix(OWNER_PREFIX) {
-                if let Some((ns, n)) = rest.split_once('/') {
-                    keys.push(ObjKey::new(ObjKind::FlowPolicy, ns, n));
-                }
+            if let Some(rest) = comment.strip_prefix(OWNER_PREFIX)
+                && let Some((ns, n)) = rest.split_once('/')
+            {
+                keys.push(ObjKey::new(ObjKind::FlowPolicy, ns, n));
             }
         }
     }

@@ -1,6 +1,7 @@
-//! Harness of the agent's end-to-end tests: the real broker (in-process, real Postgres, real
-//! mTLS), the real `dpu-agent` binary, and network namespaces standing for the DPU and pods.
-#![allow(dead_code, clippy::unwrap_used)]
+//! Harness shared by the end-to-end tests: the real broker (in-process, real Postgres, real
+//! mTLS), real binaries of the workspace, and network namespaces standing for DPUs and pods.
+//! Test code only: it panics on any setup failure, with the reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     net::SocketAddr,
@@ -24,7 +25,21 @@ use xpu_proto::broker::v1::{
     self as pb, admin_service_client::AdminServiceClient, host_service_client::HostServiceClient,
 };
 
-pub const AGENT: &str = env!("CARGO_BIN_EXE_dpu-agent");
+/// A binary of this workspace (e.g. `dpu-agent` of `xpu-infra-sync`), built when missing: a
+/// test may need binaries of another package than its own.
+pub fn workspace_binary(name: &str, package: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let bin = dir.join(name);
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo).args(["build", "-p", package, "--bin", name]).status().unwrap();
+        assert!(status.success(), "building {name} failed");
+    }
+    assert!(bin.exists(), "{} not found", bin.display());
+    bin
+}
 
 pub fn sh(cmd: &str) -> String {
     let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
@@ -218,6 +233,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn spawn(
+        binary: &Path,
         netns: Option<&str>,
         broker: &str,
         certs: &Path,
@@ -231,10 +247,10 @@ impl Agent {
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, AGENT]);
+                c.args(["netns", "exec", ns]).arg(binary);
                 c
             }
-            None => Command::new(AGENT),
+            None => Command::new(binary),
         };
         cmd.args(["--broker", broker])
             .args(["--tls-cert", certs.join("tls.crt").to_str().unwrap()])
