@@ -93,6 +93,15 @@ impl AgentService for Grpc {
 impl SyncService for Grpc {
     type WatchStream = WatchStream;
 
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::Resource>, Status> {
+        let id = identity(&req)?;
+        let result = match service::require_cluster(&id) {
+            Ok(()) => service::objects::get(&self.ctx, &id, req.into_inner().key.as_ref()).await,
+            Err(e) => Err(e),
+        };
+        reply(&id, "Sync.Get", result)
+    }
+
     async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
         let id = identity(&req)?;
         let result = match service::require_cluster(&id) {

@@ -2,6 +2,9 @@
 //! infra-side (`infra-sync`, `dpu-agent`) components share: the mutual-TLS channel to the broker,
 //! gRPC over unix sockets, durations on the command line, and the shutdown signal.
 
+pub mod cluster;
+pub mod crd;
+
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;

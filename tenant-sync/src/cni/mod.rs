@@ -129,6 +129,7 @@ fn from_status(op: &str, s: tonic::Status) -> CniError {
     let c = match s.code() {
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => code::TRY_AGAIN,
         tonic::Code::InvalidArgument => code::INVALID_CONFIG,
+        tonic::Code::PermissionDenied => code::PERMISSION_DENIED,
         tonic::Code::FailedPrecondition if s.message().contains("not allocated") => code::NOT_ALLOCATED,
         tonic::Code::FailedPrecondition if s.message().contains("could not program") => code::DPU_REFUSED,
         _ => code::INTERNAL,

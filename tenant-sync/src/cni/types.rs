@@ -21,6 +21,8 @@ pub mod code {
     pub const DPU_REFUSED: u32 = 101;
     /// The interface in the pod is not what ADD configured (CHECK).
     pub const CHECK_FAILED: u32 = 102;
+    /// The broker refused this node's identity for the request (misconfigured node or certificate).
+    pub const PERMISSION_DENIED: u32 = 103;
     pub const INTERNAL: u32 = 999;
 }
 

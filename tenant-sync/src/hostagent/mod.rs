@@ -252,11 +252,21 @@ impl Service {
             let pending = self.lock_state().pending_detaches.clone();
             for p in pending {
                 let req = pb::DetachNetdevRequest { namespace: p.namespace.clone(), name: p.netdev_id.clone() };
-                if self.broker.clone().detach_netdev(req).await.is_ok() {
-                    tracing::info!(netdev = %p.netdev_id, "queued detach delivered");
-                    self.lock_state().pending_detaches.retain(|x| *x != p);
-                    let _ = self.persist();
+                match self.broker.clone().detach_netdev(req).await {
+                    Ok(_) => tracing::info!(netdev = %p.netdev_id, "queued detach delivered"),
+                    Err(e)
+                        if matches!(
+                            e.code(),
+                            tonic::Code::PermissionDenied | tonic::Code::InvalidArgument | tonic::Code::NotFound
+                        ) =>
+                    {
+                        // Retrying cannot change the answer.
+                        tracing::warn!(netdev = %p.netdev_id, error = %e.message(), "queued detach refused; dropped");
+                    }
+                    Err(_) => continue,
                 }
+                self.lock_state().pending_detaches.retain(|x| *x != p);
+                let _ = self.persist();
             }
         }
     }

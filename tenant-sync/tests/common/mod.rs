@@ -3,6 +3,7 @@
 //! the real host-agent, device plugin and CNI binaries, and a kubelet stand-in.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod cluster;
 pub mod kubelet;
 
 use std::{
