@@ -13,7 +13,7 @@ use crate::{
     hub::{self, Hub},
     rest,
     service::{Context, ServiceConfig},
-    store::{Store, StoreConfig, postgres},
+    store::{Backend, Location, Store, StoreConfig, postgres},
     tls::{ReloadingConfig, TlsPaths},
 };
 
@@ -21,7 +21,7 @@ use crate::{
 pub struct Config {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
-    pub database_url: String,
+    pub database: Location,
     pub max_db_connections: u32,
     pub tls: TlsPaths,
     pub tls_reload_interval: Duration,
@@ -39,11 +39,11 @@ pub struct Config {
 
 impl Config {
     /// Defaults for everything but the addresses, database and certificates.
-    pub fn new(database_url: String, tls: TlsPaths) -> Config {
+    pub fn new(database: Location, tls: TlsPaths) -> Config {
         Config {
             grpc_addr: ([0, 0, 0, 0], 50051).into(),
             http_addr: ([0, 0, 0, 0], 8080).into(),
-            database_url,
+            database,
             max_db_connections: 16,
             tls,
             tls_reload_interval: Duration::from_secs(10),
@@ -81,27 +81,38 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        let pool = postgres::connect(&config.database_url, config.max_db_connections)
-            .await
-            .context("connecting to the database")?;
-        postgres::migrate(&pool).await.context("migrating the database")?;
-        tracing::info!(store = "postgres", "store ready");
-        App::build_with_pool(config, pool).await
+        let backend = Backend::open(&config.database, config.max_db_connections).await.context("opening the store")?;
+        match &config.database {
+            Location::Postgres(_) => tracing::info!(store = "postgres", "store ready"),
+            Location::Sqlite(path) => {
+                tracing::info!(store = "sqlite", path = %path.display(), "store ready (embedded SQLite)")
+            }
+        }
+        App::build_with_backend(config, backend).await
     }
 
-    /// Starts on an existing, migrated pool (tests use one database per test).
+    /// Starts on an existing, migrated Postgres pool (tests use one database per test).
     pub async fn build_with_pool(config: Config, pool: PgPool) -> anyhow::Result<App> {
+        App::build_with_backend(config, Backend::Postgres(pool)).await
+    }
+
+    /// Starts on an opened, migrated store.
+    pub async fn build_with_backend(config: Config, backend: Backend) -> anyhow::Result<App> {
         let tls = ReloadingConfig::load(config.tls.clone()).context("loading TLS certificates")?;
-        let (head, _) = postgres::head(&pool).await.context("reading the revision")?;
-        let hub = Hub::new(head, config.stream_buffer);
         let mut store_config = config.store.clone();
         store_config.lease_duration = config.service.lease_duration;
         // Commits waiting for the fan-out; the writer waits when it is full.
         let (committed_tx, committed_rx) = mpsc::channel(1024);
-        let store = Store::start(pool.clone(), store_config, committed_tx);
+        let store = Store::start(backend.clone(), store_config, committed_tx);
+        let (head, _) = store.head().await.context("reading the revision")?;
+        let hub = Hub::new(head, config.stream_buffer);
         let (wake_tx, wake_rx) = mpsc::channel(64);
-        let mut tasks = vec![
-            tokio::spawn(postgres::listen(pool, store.replica().to_string(), wake_tx)),
+        let mut tasks = Vec::new();
+        if let Backend::Postgres(pool) = &backend {
+            // Other replicas' commits; a SQLite store has one process, so nothing to hear.
+            tasks.push(tokio::spawn(postgres::listen(pool.clone(), store.replica().to_string(), wake_tx)));
+        }
+        tasks.extend([
             tokio::spawn(hub::run_dispatcher(
                 Arc::clone(&hub),
                 store.clone(),
@@ -110,7 +121,7 @@ impl App {
                 config.bookmark_interval,
             )),
             tokio::spawn(Arc::clone(&tls).watch(config.tls_reload_interval)),
-        ];
+        ]);
         tasks.push(tokio::spawn(sweep_leases(store.clone(), config.service.lease_duration)));
         tasks.push(tokio::spawn(compact(store.clone(), config.service.log_retention, config.compaction_interval)));
         let grpc =

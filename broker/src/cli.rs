@@ -11,7 +11,7 @@ use crate::{
     ca::{self, DevCa, IssueOptions},
     ctl,
     identity::Identity,
-    store::postgres,
+    store::{Backend, Location},
     tls::TlsPaths,
 };
 
@@ -33,10 +33,18 @@ pub struct Args {
 enum Command {
     /// Run the broker.
     Serve(Box<ServeArgs>),
-    /// Apply the database migrations and exit.
+    /// Apply the database migrations and exit; with --from/--to, copy a whole store (e.g. from
+    /// the embedded SQLite file to Postgres) into an empty one.
     Migrate {
-        #[arg(long, env = "DATABASE_URL")]
-        database_url: String,
+        /// Store to migrate in place (ignored when --from/--to are given).
+        #[arg(long, env = "DATABASE_URL", required_unless_present = "from")]
+        database_url: Option<String>,
+        /// Source store: sqlite://<path> or postgres://…
+        #[arg(long, requires = "to")]
+        from: Option<String>,
+        /// Target store (must be empty): postgres://… or sqlite://<path>
+        #[arg(long, requires = "from")]
+        to: Option<String>,
     },
     /// Development certificate authority.
     #[command(subcommand)]
@@ -73,19 +81,27 @@ struct ServeArgs {
     /// Health, readiness and metrics (plain HTTP).
     #[arg(long, env = "XPU_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
-    /// postgres://user@host:port/db
+    /// postgres://user@host:port/db (production, replicas). Without it the store is an embedded
+    /// SQLite file in --data-dir (one process only).
     #[arg(long, env = "DATABASE_URL")]
-    database_url: String,
+    database_url: Option<String>,
+    /// Where the embedded store and the development CA live.
+    #[arg(long, env = "XPU_DATA_DIR", default_value = "./xpu-data")]
+    data_dir: PathBuf,
+    /// Development mode: without TLS files, create (once) a development CA and server
+    /// certificate in the data dir.
+    #[arg(long, env = "XPU_DEV")]
+    dev: bool,
     #[arg(long, env = "XPU_DB_MAX_CONNECTIONS", default_value_t = 16)]
     db_max_connections: u32,
     /// Server certificate (PEM), reloaded when it changes.
     #[arg(long, env = "XPU_TLS_CERT")]
-    tls_cert: PathBuf,
+    tls_cert: Option<PathBuf>,
     #[arg(long, env = "XPU_TLS_KEY")]
-    tls_key: PathBuf,
+    tls_key: Option<PathBuf>,
     /// CA that issues client certificates (PEM).
     #[arg(long, env = "XPU_CLIENT_CA")]
-    client_ca: PathBuf,
+    client_ca: Option<PathBuf>,
     #[arg(long, env = "XPU_LEASE_DURATION", default_value = "30s", value_parser = parse_duration)]
     lease_duration: Duration,
     #[arg(long, env = "XPU_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
@@ -159,10 +175,20 @@ impl Args {
         let Self { log: _, command } = self;
         match command {
             Command::Serve(args) => serve(*args).await.map(|()| ExitCode::SUCCESS),
-            Command::Migrate { database_url } => {
-                let pool = postgres::connect(&database_url, 2).await.context("connecting to the database")?;
-                postgres::migrate(&pool).await.context("migrating")?;
-                println!("migrations applied");
+            Command::Migrate { database_url, from, to } => {
+                match (database_url, from, to) {
+                    (_, Some(from), Some(to)) => {
+                        let source = Backend::open(&Location::parse(&from)?, 2).await.context("opening --from")?;
+                        let target = Backend::open(&Location::parse(&to)?, 2).await.context("opening --to")?;
+                        let copied = crate::store::copy::copy(&source, &target).await.context("copying the store")?;
+                        println!("{copied}");
+                    }
+                    (Some(url), None, None) => {
+                        Backend::open(&Location::parse(&url)?, 2).await.context("migrating")?;
+                        println!("migrations applied");
+                    }
+                    _ => anyhow::bail!("give --database-url, or --from and --to"),
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Command::Ca(cmd) => ca_command(cmd).map(|()| ExitCode::SUCCESS),
@@ -199,6 +225,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         grpc_addr,
         http_addr,
         database_url,
+        data_dir,
+        dev,
         db_max_connections,
         tls_cert,
         tls_key,
@@ -219,7 +247,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(heartbeat_interval < lease_duration, "--heartbeat-interval must be shorter than --lease-duration");
     anyhow::ensure!(max_batch > 0 && stream_buffer > 0, "--max-batch and --stream-buffer must be positive");
     anyhow::ensure!(log_retention >= 0, "--log-retention must not be negative");
-    let mut config = Config::new(database_url, TlsPaths { cert: tls_cert, key: tls_key, client_ca });
+    let database = match database_url {
+        Some(url) => Location::parse(&url)?,
+        None => Location::Sqlite(data_dir.join("xpu.db")),
+    };
+    let tls = match (tls_cert, tls_key, client_ca) {
+        (Some(cert), Some(key), Some(client_ca)) => {
+            anyhow::ensure!(
+                !dev,
+                "--dev creates its own development CA; it cannot be combined with --client-ca and a certificate"
+            );
+            TlsPaths { cert, key, client_ca }
+        }
+        (None, None, None) if dev => dev_tls(&data_dir)?,
+        (None, None, None) => anyhow::bail!(
+            "TLS is required: give --tls-cert, --tls-key and --client-ca (see `xpu-broker ca`), or --dev for a development CA"
+        ),
+        _ => anyhow::bail!("give all of --tls-cert, --tls-key and --client-ca, or none of them with --dev"),
+    };
+    let mut config = Config::new(database, tls);
     config.grpc_addr = grpc_addr;
     config.http_addr = http_addr;
     config.max_db_connections = db_max_connections;
@@ -239,6 +285,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let app = App::build(config).await?;
     app.run_until_stopped(shutdown_signal()).await
+}
+
+/// The development CA and the server certificate in `<data_dir>/dev-ca`, created on first use
+/// and reused afterwards (certificates issued from it keep working).
+fn dev_tls(data_dir: &std::path::Path) -> anyhow::Result<TlsPaths> {
+    let dir = data_dir.join("dev-ca");
+    let server = dir.join("server");
+    let ca = if dir.join("ca.crt").exists() { DevCa::load(&dir)? } else { DevCa::init(&dir, false)? };
+    if !server.join("tls.crt").exists() {
+        let sans = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        let pem = ca.issue_server(&sans, &IssueOptions::valid_for_days(825))?;
+        ca::write_issued(&server, &pem, &ca)?;
+    }
+    let exe = std::env::args().next().unwrap_or_else(|| "xpu-broker".into());
+    tracing::warn!(dir = %dir.display(), "development mode: self-made CA; not for production");
+    eprintln!(
+        "development CA in {0}; certificates for agents and operators:\n  {exe} ca issue --dir {0} --identity dpu/<serial> --out <dir>\n  {exe} ca issue --dir {0} --identity admin/<name> --out <dir>",
+        dir.display()
+    );
+    Ok(TlsPaths { cert: server.join("tls.crt"), key: server.join("tls.key"), client_ca: dir.join("ca.crt") })
 }
 
 /// SIGTERM or Ctrl-C.

@@ -8,7 +8,6 @@ mod common;
 use std::{collections::HashSet, time::Duration};
 
 use common::*;
-use sqlx::PgPool;
 use xpu_proto::broker::v1::{self as pb, watch_event::Event as E};
 
 fn netdev_of(res: &pb::Resource) -> pb::Netdev {
@@ -23,9 +22,8 @@ async fn get_netdev(b: &TestBroker, ns: &str, name: &str) -> pb::Netdev {
     netdev_of(&res.into_inner())
 }
 
-#[sqlx::test(migrations = "../migrations/postgres")]
-async fn attach_returns_connected_once_the_dpu_reports(pool: PgPool) {
-    let b = TestBroker::start(pool).await;
+conformance!(attach_returns_connected_once_the_dpu_reports);
+async fn attach_returns_connected_once_the_dpu_reports(b: TestBroker) {
     seed_network(&b, "net-a", "10.3.0.0/24", "10.3.0.1").await;
     register(&b, "dpu-a").await;
     let mut agent = b.agent("dpu-a").await;
@@ -117,9 +115,8 @@ async fn attach_returns_connected_once_the_dpu_reports(pool: PgPool) {
     b.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations/postgres")]
-async fn attach_times_out_cleanly_and_fails_on_dpu_error(pool: PgPool) {
-    let b = TestBroker::start(pool).await;
+conformance!(attach_times_out_cleanly_and_fails_on_dpu_error);
+async fn attach_times_out_cleanly_and_fails_on_dpu_error(b: TestBroker) {
     seed_network(&b, "net-a", "10.4.0.0/24", "10.4.0.1").await;
     register(&b, "dpu-a").await;
     let mut host = b.host("node-1").await;
@@ -166,9 +163,8 @@ async fn attach_times_out_cleanly_and_fails_on_dpu_error(pool: PgPool) {
     b.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations/postgres")]
-async fn stale_status_is_dropped_and_stale_spec_refused(pool: PgPool) {
-    let b = TestBroker::start(pool).await;
+conformance!(stale_status_is_dropped_and_stale_spec_refused);
+async fn stale_status_is_dropped_and_stale_spec_refused(b: TestBroker) {
     seed_network(&b, "net-a", "10.5.0.0/24", "10.5.0.1").await;
     register(&b, "dpu-a").await;
     let mut admin = b.admin().await;
@@ -235,9 +231,8 @@ async fn stale_status_is_dropped_and_stale_spec_refused(pool: PgPool) {
     b.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations/postgres")]
-async fn concurrent_attaches_never_share_an_address_and_exhaustion_is_clear(pool: PgPool) {
-    let b = TestBroker::start(pool).await;
+conformance!(concurrent_attaches_never_share_an_address_and_exhaustion_is_clear);
+async fn concurrent_attaches_never_share_an_address_and_exhaustion_is_clear(b: TestBroker) {
     // A /27 holds 30 host addresses; the gateway and the exclusions leave 26.
     let mut admin = b.admin().await;
     admin.apply(apply_req(mk_lb("lb-10", 10))).await.unwrap();
@@ -295,8 +290,11 @@ async fn concurrent_attaches_never_share_an_address_and_exhaustion_is_clear(pool
     assert_eq!(n.status.unwrap(), pb::XpuNetworkStatus { allocated: 26, capacity: 26 });
 
     // The database, not the allocator, is what guarantees uniqueness.
-    let dup = sqlx::query("INSERT INTO ip_allocations (network, address, namespace, name, revision) SELECT network, address, 'x', 'y', 0 FROM ip_allocations LIMIT 1")
-        .execute(&b.ctx.store.pool().clone())
+    let dup = b
+        .execute_sql(
+            "INSERT INTO ip_allocations (network, address, namespace, name, revision) \
+             SELECT network, address, 'x', 'y', 0 FROM ip_allocations LIMIT 1",
+        )
         .await;
     assert!(dup.is_err(), "a second allocation of one address violates the primary key");
 
@@ -327,9 +325,8 @@ async fn concurrent_attaches_never_share_an_address_and_exhaustion_is_clear(pool
     b.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations/postgres")]
-async fn host_mode_addresses_are_reserved_in_the_pool(pool: PgPool) {
-    let b = TestBroker::start(pool).await;
+conformance!(host_mode_addresses_are_reserved_in_the_pool);
+async fn host_mode_addresses_are_reserved_in_the_pool(b: TestBroker) {
     seed_network(&b, "net-a", "10.7.0.0/24", "10.7.0.1").await;
     let mut host = b.host("node-1").await;
     let mut spec = mk_netdev_spec("dpu-a", 0, "node-1", "net-a");

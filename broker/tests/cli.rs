@@ -3,14 +3,13 @@
 
 #![allow(clippy::unwrap_used)]
 
+use sqlx::PgPool;
 use std::{
     io::{BufRead, BufReader},
     path::Path,
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
-
-use sqlx::PgPool;
 
 const BIN: &str = env!("CARGO_BIN_EXE_xpu-broker");
 

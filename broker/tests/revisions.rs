@@ -9,7 +9,6 @@ mod common;
 use std::{collections::BTreeMap, time::Duration};
 
 use common::*;
-use sqlx::PgPool;
 use xpu_proto::broker::v1::{self as pb, watch_event::Event as E};
 
 /// (revision, change type, kind, namespace/name) of every change a stream delivers.
@@ -43,9 +42,8 @@ async fn collect_until(stream: &mut tonic::Streaming<pb::WatchEvent>, head: i64)
     seen
 }
 
-#[sqlx::test(migrations = "../migrations/postgres")]
-async fn concurrent_writers_commit_in_revision_order_and_replay_equals_live(pool: PgPool) {
-    let b = TestBroker::start(pool).await;
+conformance!(concurrent_writers_commit_in_revision_order_and_replay_equals_live);
+async fn concurrent_writers_commit_in_revision_order_and_replay_equals_live(b: TestBroker) {
     let mut admin = b.admin().await;
     let start = admin.fleet_status(pb::FleetStatusRequest {}).await.unwrap().into_inner().revision;
     let mut live = admin.watch(pb::WatchRequest { kinds: vec![], since_revision: start }).await.unwrap().into_inner();
@@ -94,9 +92,8 @@ async fn concurrent_writers_commit_in_revision_order_and_replay_equals_live(pool
     b.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations/postgres")]
-async fn resume_compaction_and_tombstones(pool: PgPool) {
-    let b = TestBroker::start(pool).await;
+conformance!(resume_compaction_and_tombstones);
+async fn resume_compaction_and_tombstones(b: TestBroker) {
     seed_network(&b, "net-a", "10.1.0.0/24", "10.1.0.1").await;
     register(&b, "dpu-a").await;
     let mut agent = b.agent("dpu-a").await;
@@ -204,9 +201,8 @@ async fn resume_compaction_and_tombstones(pool: PgPool) {
     b.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations/postgres")]
-async fn idle_streams_get_bookmarks_that_move_past_foreign_changes(pool: PgPool) {
-    let b = TestBroker::start(pool).await;
+conformance!(idle_streams_get_bookmarks_that_move_past_foreign_changes);
+async fn idle_streams_get_bookmarks_that_move_past_foreign_changes(b: TestBroker) {
     register(&b, "dpu-a").await;
     register(&b, "dpu-b").await;
     let mut agent = b.agent("dpu-a").await;
@@ -234,8 +230,10 @@ async fn idle_streams_get_bookmarks_that_move_past_foreign_changes(pool: PgPool)
     b.stop().await;
 }
 
+/// Postgres only: replicas share one database and hear each other through LISTEN/NOTIFY (an
+/// embedded SQLite store serves one process).
 #[sqlx::test(migrations = "../migrations/postgres")]
-async fn two_replicas_on_one_database_stay_consistent(pool: PgPool) {
+async fn two_replicas_on_one_database_stay_consistent(pool: sqlx::PgPool) {
     let a = TestBroker::start(pool.clone()).await;
     let b = TestBroker::start(pool).await;
     seed_network(&a, "net-a", "10.2.0.0/24", "10.2.0.1").await;

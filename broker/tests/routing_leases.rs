@@ -8,7 +8,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use sqlx::PgPool;
 use xpu_proto::broker::v1::{self as pb, watch_event::Event as E};
 
 async fn register_with(b: &TestBroker, serial: &str, labels: &[(&str, &str)]) {
@@ -42,9 +41,8 @@ async fn next(stream: &mut tonic::Streaming<pb::WatchEvent>) -> Option<(pb::Chan
     Some((pb::ChangeType::try_from(c.r#type).ok()?, key.name))
 }
 
-#[sqlx::test(migrations = "../migrations/postgres")]
-async fn fabric_objects_reach_the_dpus_their_selector_matches(pool: PgPool) {
-    let b = TestBroker::start(pool).await;
+conformance!(fabric_objects_reach_the_dpus_their_selector_matches);
+async fn fabric_objects_reach_the_dpus_their_selector_matches(b: TestBroker) {
     register_with(&b, "dpu-1", &[("rack", "r1")]).await;
     register_with(&b, "dpu-2", &[("rack", "r2")]).await;
     let head = b.admin().await.fleet_status(pb::FleetStatusRequest {}).await.unwrap().into_inner().revision;
@@ -125,12 +123,14 @@ async fn fabric_objects_reach_the_dpus_their_selector_matches(pool: PgPool) {
     b.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations/postgres")]
-async fn a_slow_consumer_is_cut_off_and_told_where_to_resume(pool: PgPool) {
-    let pki = Pki::new();
-    let mut config = test_config(&pki);
+fn small_buffers(pki: &Pki) -> xpu_broker::Config {
+    let mut config = test_config(pki);
     config.stream_buffer = 16;
-    let b = TestBroker::start_with(pool, pki, config).await;
+    config
+}
+
+conformance!(a_slow_consumer_is_cut_off_and_told_where_to_resume, config = small_buffers);
+async fn a_slow_consumer_is_cut_off_and_told_where_to_resume(b: TestBroker) {
     register_with(&b, "dpu-slow", &[]).await;
     register_with(&b, "dpu-fast", &[]).await;
     let head = b.admin().await.fleet_status(pb::FleetStatusRequest {}).await.unwrap().into_inner().revision;
@@ -209,13 +209,15 @@ async fn a_slow_consumer_is_cut_off_and_told_where_to_resume(pool: PgPool) {
     b.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations/postgres")]
-async fn leases_lapse_without_heartbeats_and_come_back(pool: PgPool) {
-    let pki = Pki::new();
-    let mut config = test_config(&pki);
+fn short_leases(pki: &Pki) -> xpu_broker::Config {
+    let mut config = test_config(pki);
     config.service.lease_duration = Duration::from_millis(800);
     config.service.heartbeat_interval = Duration::from_millis(200);
-    let b = TestBroker::start_with(pool, pki, config).await;
+    config
+}
+
+conformance!(leases_lapse_without_heartbeats_and_come_back, config = short_leases);
+async fn leases_lapse_without_heartbeats_and_come_back(b: TestBroker) {
     seed_network(&b, "net-a", "10.11.0.0/24", "10.11.0.1").await;
     let mut agent = b.agent("dpu-l").await;
     let reg = agent
@@ -291,9 +293,8 @@ async fn leases_lapse_without_heartbeats_and_come_back(pool: PgPool) {
     b.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations/postgres")]
-async fn health_and_reflection_are_served(pool: PgPool) {
-    let b = TestBroker::start(pool).await;
+conformance!(health_and_reflection_are_served);
+async fn health_and_reflection_are_served(b: TestBroker) {
     let ch = b.channel("admin/test").await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
     for service in ["", "xpu.broker.v1.AgentService", "xpu.broker.v1.HostService"] {

@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use sqlx::PgPool;
 use tonic::Code;
 use xpu_broker::ca::{DevCa, IssueOptions};
 use xpu_proto::broker::v1::{
@@ -28,9 +27,8 @@ async fn admin_call_fails(b: &TestBroker, tls: tonic::transport::ClientTlsConfig
     }
 }
 
-#[sqlx::test(migrations = "../migrations/postgres")]
-async fn only_verified_certificates_with_one_identity_get_in(pool: PgPool) {
-    let b = TestBroker::start(pool).await;
+conformance!(only_verified_certificates_with_one_identity_get_in);
+async fn only_verified_certificates_with_one_identity_get_in(b: TestBroker) {
     let ca = b.pki.ca.pem.cert.clone();
 
     // No client certificate.
@@ -74,9 +72,8 @@ async fn only_verified_certificates_with_one_identity_get_in(pool: PgPool) {
     b.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations/postgres")]
-async fn each_identity_reaches_only_its_own_objects(pool: PgPool) {
-    let b = TestBroker::start(pool).await;
+conformance!(each_identity_reaches_only_its_own_objects);
+async fn each_identity_reaches_only_its_own_objects(b: TestBroker) {
     seed_network(&b, "net-a", "10.8.0.0/24", "10.8.0.1").await;
     register(&b, "dpu-a").await;
     register(&b, "dpu-b").await;

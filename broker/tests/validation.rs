@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use sqlx::PgPool;
 use xpu_proto::broker::v1::{self as pb, resource::Kind as R};
 
 async fn head(b: &TestBroker) -> i64 {
@@ -34,9 +33,8 @@ fn pool(cidr: &str, gateway: &str) -> Option<pb::IpPool> {
     Some(pb::IpPool { cidr: cidr.into(), gateway: gateway.into(), ..Default::default() })
 }
 
-#[sqlx::test(migrations = "../migrations/postgres")]
-async fn bad_objects_are_refused_naming_the_field(pool_: PgPool) {
-    let b = TestBroker::start(pool_).await;
+conformance!(bad_objects_are_refused_naming_the_field);
+async fn bad_objects_are_refused_naming_the_field(b: TestBroker) {
     seed_network(&b, "net-a", "10.9.0.0/24", "10.9.0.1").await;
     let mut admin = b.admin().await;
     let before = head(&b).await;
@@ -275,9 +273,8 @@ async fn bad_objects_are_refused_naming_the_field(pool_: PgPool) {
     b.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations/postgres")]
-async fn bad_requests_are_refused_naming_the_field(pool_: PgPool) {
-    let b = TestBroker::start(pool_).await;
+conformance!(bad_requests_are_refused_naming_the_field);
+async fn bad_requests_are_refused_naming_the_field(b: TestBroker) {
     seed_network(&b, "net-a", "10.10.0.0/24", "10.10.0.1").await;
     register(&b, "dpu-a").await;
     let mut admin = b.admin().await;
@@ -395,9 +392,8 @@ async fn bad_requests_are_refused_naming_the_field(pool_: PgPool) {
     b.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations/postgres")]
-async fn empty_and_oversized_messages_never_crash_the_broker(pool_: PgPool) {
-    let b = TestBroker::start(pool_).await;
+conformance!(empty_and_oversized_messages_never_crash_the_broker);
+async fn empty_and_oversized_messages_never_crash_the_broker(b: TestBroker) {
     let mut admin = b.admin().await;
     let mut agent = b.agent("dpu-a").await;
     let mut host = b.host("node-1").await;

@@ -190,7 +190,7 @@ pub struct Broker {
 impl Broker {
     /// The real broker on `port` (0: any) of every address.
     pub async fn start(pool: PgPool, pki: &Pki, port: u16) -> Broker {
-        let mut config = Config::new(String::new(), pki.tls.clone());
+        let mut config = Config::new(xpu_broker::store::Location::Postgres(String::new()), pki.tls.clone());
         config.grpc_addr = SocketAddr::from(([0, 0, 0, 0], port));
         config.http_addr = "127.0.0.1:0".parse().unwrap();
         config.bookmark_interval = Duration::from_millis(300);

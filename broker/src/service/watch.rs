@@ -229,7 +229,7 @@ impl Watch {
     async fn snapshot(&mut self, reason: pb::resync::Reason) -> Result<(), Option<Error>> {
         let mut snap = self.ctx.store.snapshot().await.map_err(Some)?;
         let (_, compacted) = self.ctx.store.head().await.map_err(Some)?;
-        let revision = snap.revision;
+        let revision = snap.revision();
         let resync = pb::Resync { reason: reason as i32, compacted_revision: compacted };
         self.send(event(revision, pb::watch_event::Event::Resync(resync))).await.map_err(|_| None)?;
         let (kinds, dpu): (Vec<Kind>, Option<String>) = match &self.scope {

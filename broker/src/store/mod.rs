@@ -5,16 +5,18 @@
 //! Reads go straight to the database.
 
 mod batch;
+pub mod copy;
 pub mod postgres;
 pub mod rows;
+pub mod sqlite;
 
-use std::{sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use chrono::Utc;
-use sqlx::PgPool;
+use sqlx::{PgPool, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
-pub use self::postgres::{FleetCounts, Snapshot};
+pub use self::postgres::FleetCounts;
 use self::{
     batch::{BatchContext, Reply, Request},
     rows::*,
@@ -69,24 +71,107 @@ struct Pending {
     reply: oneshot::Sender<Result<Reply>>,
 }
 
+/// Where the store lives: Postgres (production, replicas) or an embedded SQLite file.
+#[derive(Clone)]
+pub enum Backend {
+    Postgres(PgPool),
+    /// The file lock keeps a second process off the same file for as long as any clone lives.
+    Sqlite(SqlitePool, Arc<std::fs::File>),
+}
+
+/// What to open: a `postgres://` URL, or a SQLite file.
+#[derive(Clone, Debug)]
+pub enum Location {
+    Postgres(String),
+    Sqlite(PathBuf),
+}
+
+impl Location {
+    /// `postgres://…`/`postgresql://…` or `sqlite://<path>`.
+    pub fn parse(url: &str) -> Result<Location> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Location::Postgres(url.to_string()))
+        } else if let Some(path) = url.strip_prefix("sqlite://") {
+            Ok(Location::Sqlite(PathBuf::from(path)))
+        } else {
+            Err(Error::invalid("database-url", format!("{url:?} is neither postgres://… nor sqlite://…")))
+        }
+    }
+}
+
+impl Backend {
+    /// Connects and applies the migrations.
+    pub async fn open(location: &Location, max_connections: u32) -> Result<Backend> {
+        match location {
+            Location::Postgres(url) => {
+                let pool = postgres::connect(url, max_connections).await?;
+                postgres::migrate(&pool).await?;
+                Ok(Backend::Postgres(pool))
+            }
+            Location::Sqlite(path) => {
+                let opened = sqlite::open(path, max_connections).await?;
+                sqlite::migrate(&opened.pool).await?;
+                Ok(Backend::Sqlite(opened.pool, Arc::new(opened.lock)))
+            }
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Postgres(_) => "postgres",
+            Backend::Sqlite(..) => "sqlite",
+        }
+    }
+}
+
+/// A consistent view of the store at one revision, read page by page.
+pub enum Snapshot {
+    Postgres(postgres::Snapshot),
+    Sqlite(sqlite::Snapshot),
+}
+
+impl Snapshot {
+    pub fn revision(&self) -> i64 {
+        match self {
+            Snapshot::Postgres(s) => s.revision,
+            Snapshot::Sqlite(s) => s.revision,
+        }
+    }
+
+    /// Live objects of `kinds` (optionally only Netdevs of one DPU), after `after` in
+    /// (kind, namespace, name) order.
+    pub async fn page(
+        &mut self,
+        kinds: &[Kind],
+        dpu: Option<&str>,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<Vec<StoredObject>> {
+        match self {
+            Snapshot::Postgres(s) => s.page(kinds, dpu, after, limit).await,
+            Snapshot::Sqlite(s) => s.page(kinds, dpu, after, limit).await,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
-    pool: PgPool,
+    backend: Backend,
     writer: mpsc::Sender<Pending>,
     config: Arc<StoreConfig>,
 }
 
 impl Store {
     /// Starts the writer task. Committed changes go to `committed`.
-    pub fn start(pool: PgPool, config: StoreConfig, committed: mpsc::Sender<Committed>) -> Store {
+    pub fn start(backend: Backend, config: StoreConfig, committed: mpsc::Sender<Committed>) -> Store {
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let config = Arc::new(config);
-        tokio::spawn(writer(pool.clone(), Arc::clone(&config), rx, committed));
-        Store { pool, writer: tx, config }
+        tokio::spawn(writer(backend.clone(), Arc::clone(&config), rx, committed));
+        Store { backend, writer: tx, config }
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    pub fn backend(&self) -> &Backend {
+        &self.backend
     }
 
     pub fn replica(&self) -> &str {
@@ -164,15 +249,24 @@ impl Store {
 
     /// Current revision and compaction horizon.
     pub async fn head(&self) -> Result<(i64, i64)> {
-        postgres::head(&self.pool).await
+        match &self.backend {
+            Backend::Postgres(p) => postgres::head(p).await,
+            Backend::Sqlite(p, _) => sqlite::head(p).await,
+        }
     }
 
     pub async fn get(&self, key: &Key) -> Result<Option<StoredObject>> {
-        postgres::get(&self.pool, key, false).await
+        match &self.backend {
+            Backend::Postgres(p) => postgres::get(p, key, false).await,
+            Backend::Sqlite(p, _) => sqlite::get(p, key, false).await,
+        }
     }
 
     pub async fn get_including_deleted(&self, key: &Key) -> Result<Option<StoredObject>> {
-        postgres::get(&self.pool, key, true).await
+        match &self.backend {
+            Backend::Postgres(p) => postgres::get(p, key, true).await,
+            Backend::Sqlite(p, _) => sqlite::get(p, key, true).await,
+        }
     }
 
     pub async fn list(
@@ -183,28 +277,46 @@ impl Store {
         after: Option<(String, String)>,
         limit: usize,
     ) -> Result<Vec<StoredObject>> {
-        postgres::list(&self.pool, kind, namespace, selector, after, limit).await
+        match &self.backend {
+            Backend::Postgres(p) => postgres::list(p, kind, namespace, selector, after, limit).await,
+            Backend::Sqlite(p, _) => sqlite::list(p, kind, namespace, selector, after, limit).await,
+        }
     }
 
     /// Log entries after `after`, and the compaction horizon read after them.
     pub async fn read_log(&self, after: i64, limit: usize, filter: &LogFilter) -> Result<(Vec<Event>, i64)> {
-        postgres::read_log(&self.pool, after, limit, filter).await
+        match &self.backend {
+            Backend::Postgres(p) => postgres::read_log(p, after, limit, filter).await,
+            Backend::Sqlite(p, _) => sqlite::read_log(p, after, limit, filter).await,
+        }
     }
 
     pub async fn snapshot(&self) -> Result<Snapshot> {
-        Snapshot::begin(&self.pool).await
+        Ok(match &self.backend {
+            Backend::Postgres(p) => Snapshot::Postgres(postgres::Snapshot::begin(p).await?),
+            Backend::Sqlite(p, _) => Snapshot::Sqlite(sqlite::Snapshot::begin(p).await?),
+        })
     }
 
     pub async fn dpu_labels(&self, serial: &str) -> Result<Option<Labels>> {
-        postgres::dpu_labels(&self.pool, serial).await
+        match &self.backend {
+            Backend::Postgres(p) => postgres::dpu_labels(p, serial).await,
+            Backend::Sqlite(p, _) => sqlite::dpu_labels(p, serial).await,
+        }
     }
 
     pub async fn fleet_counts(&self) -> Result<FleetCounts> {
-        postgres::fleet_counts(&self.pool).await
+        match &self.backend {
+            Backend::Postgres(p) => postgres::fleet_counts(p).await,
+            Backend::Sqlite(p, _) => sqlite::fleet_counts(p).await,
+        }
     }
 
     pub async fn ping(&self) -> Result<()> {
-        postgres::ping(&self.pool).await
+        match &self.backend {
+            Backend::Postgres(p) => postgres::ping(p).await,
+            Backend::Sqlite(p, _) => sqlite::ping(p).await,
+        }
     }
 }
 
@@ -221,17 +333,21 @@ fn duplicate(err: &Error) -> Error {
     }
 }
 
-async fn run_batch(pool: &PgPool, config: &StoreConfig, requests: &[&Request]) -> Result<batch::BatchResult> {
+async fn run_batch(backend: &Backend, config: &StoreConfig, requests: &[&Request]) -> Result<batch::BatchResult> {
     let ctx = BatchContext {
         now: Utc::now(),
         lease_duration_ms: i64::try_from(config.lease_duration.as_millis()).unwrap_or(i64::MAX),
     };
-    let tx = postgres::PgWriteTx::begin(pool, &config.replica).await?;
-    batch::run(tx, requests, &ctx).await
+    match backend {
+        Backend::Postgres(pool) => {
+            batch::run(postgres::PgWriteTx::begin(pool, &config.replica).await?, requests, &ctx).await
+        }
+        Backend::Sqlite(pool, _) => batch::run(sqlite::SqliteWriteTx::begin(pool).await?, requests, &ctx).await,
+    }
 }
 
 async fn writer(
-    pool: PgPool,
+    pool: Backend,
     config: Arc<StoreConfig>,
     mut rx: mpsc::Receiver<Pending>,
     committed: mpsc::Sender<Committed>,

@@ -118,7 +118,22 @@ pub struct Flush {
     pub dpus: Vec<DpuRow>,
     pub delete_dpus: Vec<String>,
     pub head: i64,
+    /// Write `head` even with no log entries (a store copy whose log was compacted).
+    pub force_head: bool,
     pub compact_to: Option<i64>,
+}
+
+/// Everything a store holds, for copying it into another.
+#[derive(Debug, Default)]
+pub struct Dump {
+    pub head: i64,
+    pub compacted: i64,
+    pub objects: Vec<(ObjectRow, Route)>,
+    pub statuses: Vec<StatusRow>,
+    pub log: Vec<crate::model::event::Event>,
+    pub dpus: Vec<DpuRow>,
+    pub allocations: Vec<Allocation>,
+    pub pools: Vec<(String, u128)>,
 }
 
 #[derive(Clone, Debug)]
@@ -201,4 +216,37 @@ pub struct RegisterRequest {
 pub struct RegisterOutcome {
     pub object: StoredObject,
     pub last_status_seq: i64,
+}
+
+/// Completes object rows with their statuses (each with whether its author's lease lapsed),
+/// the leases of Dpu objects and the pool usage of XpuNetworks.
+pub fn assemble(
+    rows: Vec<ObjectRow>,
+    statuses: Vec<(StatusRow, bool)>,
+    leases: &std::collections::HashMap<String, Lease>,
+    allocated: &std::collections::HashMap<String, i64>,
+) -> Vec<StoredObject> {
+    use crate::model::Kind;
+    let mut by_key: std::collections::HashMap<Key, Vec<StoredStatus>> = std::collections::HashMap::new();
+    for (s, stale) in statuses {
+        by_key.entry(s.key.clone()).or_default().push(StoredStatus {
+            author: s.author,
+            observed_generation: s.observed_generation,
+            seq: s.seq,
+            revision: s.revision,
+            status: s.status,
+            updated_at: s.updated_at,
+            stale,
+        });
+    }
+    rows.into_iter()
+        .map(|row| {
+            let mut st = by_key.remove(&row.key).unwrap_or_default();
+            st.sort_by(|a, b| a.author.cmp(&b.author));
+            let lease = (row.key.kind == Kind::Dpu).then(|| leases.get(&row.key.name).cloned()).flatten();
+            let alloc = (row.key.kind == Kind::XpuNetwork)
+                .then(|| allocated.get(&row.key.name).map_or(0, |n| u64::try_from(*n).unwrap_or(0)));
+            row.into_stored(st, lease, alloc)
+        })
+        .collect()
 }

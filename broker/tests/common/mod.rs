@@ -12,6 +12,7 @@ use xpu_broker::{
     App, Config,
     ca::{DevCa, IssueOptions, Pem},
     identity::Identity,
+    store::{Backend, Location},
     tls::TlsPaths,
 };
 use xpu_proto::broker::v1::{
@@ -56,8 +57,36 @@ impl Pki {
     }
 }
 
+/// Runs one store test against every backend: Postgres (a fresh migrated database) and the
+/// embedded SQLite store (a fresh file). `config = f` builds a custom configuration.
+#[macro_export]
+macro_rules! conformance {
+    ($name:ident) => {
+        conformance!($name, config = test_config);
+    };
+    ($name:ident, config = $config:ident) => {
+        mod $name {
+            #[sqlx::test(migrations = "../migrations/postgres")]
+            async fn postgres(pool: sqlx::PgPool) {
+                let pki = super::Pki::new();
+                let config = super::$config(&pki);
+                super::$name(super::TestBroker::start_with(pool, pki, config).await).await
+            }
+
+            #[tokio::test]
+            async fn sqlite() {
+                let pki = super::Pki::new();
+                let config = super::$config(&pki);
+                super::$name(super::TestBroker::start_sqlite(pki, config).await).await
+            }
+        }
+    };
+}
+
 pub struct TestBroker {
     pub pki: Pki,
+    /// The SQLite store's directory, kept for the test's lifetime.
+    pub data: Option<TempDir>,
     pub grpc: std::net::SocketAddr,
     pub http: std::net::SocketAddr,
     pub ctx: xpu_broker::service::Context,
@@ -66,7 +95,7 @@ pub struct TestBroker {
 }
 
 pub fn test_config(pki: &Pki) -> Config {
-    let mut config = Config::new(String::new(), pki.tls.clone());
+    let mut config = Config::new(Location::Postgres(String::new()), pki.tls.clone());
     config.grpc_addr = "127.0.0.1:0".parse().unwrap();
     config.http_addr = "127.0.0.1:0".parse().unwrap();
     config.bookmark_interval = Duration::from_millis(200);
@@ -85,6 +114,21 @@ impl TestBroker {
 
     pub async fn start_with(pool: PgPool, pki: Pki, config: Config) -> TestBroker {
         let app = App::build_with_pool(config, pool).await.expect("app builds");
+        TestBroker::run(app, pki)
+    }
+
+    /// The broker on a fresh embedded SQLite store.
+    pub async fn start_sqlite(pki: Pki, mut config: Config) -> TestBroker {
+        let data = tempfile::tempdir().expect("tempdir");
+        config.database = Location::Sqlite(data.path().join("xpu.db"));
+        let backend = Backend::open(&config.database, 4).await.expect("sqlite store");
+        let app = App::build_with_backend(config, backend).await.expect("app builds");
+        let mut b = TestBroker::run(app, pki);
+        b.data = Some(data);
+        b
+    }
+
+    fn run(app: App, pki: Pki) -> TestBroker {
         let grpc = app.grpc_addr();
         let http = app.http_addr();
         let ctx = app.context();
@@ -92,7 +136,19 @@ impl TestBroker {
         let task = tokio::spawn(app.run_until_stopped(async move {
             let _ = rx.await;
         }));
-        TestBroker { pki, grpc, http, ctx, stop: Some(stop), task: Some(task) }
+        TestBroker { pki, data: None, grpc, http, ctx, stop: Some(stop), task: Some(task) }
+    }
+
+    /// Runs a statement directly on the store (to prove a database constraint).
+    pub async fn execute_sql(&self, sql: &str) -> Result<u64, String> {
+        match self.ctx.store.backend() {
+            Backend::Postgres(p) => {
+                sqlx::query(sql).execute(p).await.map(|r| r.rows_affected()).map_err(|e| e.to_string())
+            }
+            Backend::Sqlite(p, _) => {
+                sqlx::query(sql).execute(p).await.map(|r| r.rows_affected()).map_err(|e| e.to_string())
+            }
+        }
     }
 
     pub async fn stop(mut self) {

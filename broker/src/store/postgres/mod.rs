@@ -10,14 +10,14 @@ use sqlx::{
 
 use super::{
     LogFilter,
-    rows::{DpuRow, ObjectRow, StatusRow, route_from_columns},
+    rows::{DpuRow, ObjectRow, StatusRow, assemble, route_from_columns},
 };
 use crate::{
     error::{Error, Result},
     model::{
         Key, Kind, Labels,
         event::{ChangeKind, Event},
-        object::{StoredObject, StoredStatus},
+        object::StoredObject,
     },
 };
 
@@ -150,6 +150,15 @@ fn key_arrays(keys: &[Key]) -> (Vec<String>, Vec<String>, Vec<String>) {
 
 // ---- reads ----
 
+const STATUSES_OF_KEYS: &str = "SELECT s.*, COALESCE(NOT d.ready, false) AS stale FROM statuses s \
+     JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS k(kind, namespace, name) \
+       ON s.kind = k.kind AND s.namespace = k.namespace AND s.name = k.name \
+     LEFT JOIN dpus d ON s.author = 'dpu/' || d.serial";
+
+fn stale_statuses(rows: &[PgRow]) -> Result<Vec<(StatusRow, bool)>> {
+    rows.iter().map(|r| Ok((status_row(r)?, r.try_get("stale")?))).collect()
+}
+
 /// Attaches statuses (with staleness from the authors' leases), leases and pool usage.
 async fn complete(pool: &PgPool, rows: Vec<ObjectRow>) -> Result<Vec<StoredObject>> {
     if rows.is_empty() {
@@ -157,31 +166,8 @@ async fn complete(pool: &PgPool, rows: Vec<ObjectRow>) -> Result<Vec<StoredObjec
     }
     let keys: Vec<Key> = rows.iter().map(|r| r.key.clone()).collect();
     let (k, ns, n) = key_arrays(&keys);
-    let status_rows = sqlx::query(
-        "SELECT s.*, COALESCE(NOT d.ready, false) AS stale FROM statuses s \
-         JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS k(kind, namespace, name) \
-           ON s.kind = k.kind AND s.namespace = k.namespace AND s.name = k.name \
-         LEFT JOIN dpus d ON s.author = 'dpu/' || d.serial \
-         ORDER BY s.author",
-    )
-    .bind(k)
-    .bind(ns)
-    .bind(n)
-    .fetch_all(pool)
-    .await?;
-    let mut statuses: HashMap<Key, Vec<StoredStatus>> = HashMap::new();
-    for r in &status_rows {
-        let s = status_row(r)?;
-        statuses.entry(s.key.clone()).or_default().push(StoredStatus {
-            author: s.author,
-            observed_generation: s.observed_generation,
-            seq: s.seq,
-            revision: s.revision,
-            status: s.status,
-            updated_at: s.updated_at,
-            stale: r.try_get("stale")?,
-        });
-    }
+    let status_rows = sqlx::query(STATUSES_OF_KEYS).bind(k).bind(ns).bind(n).fetch_all(pool).await?;
+    let statuses = stale_statuses(&status_rows)?;
     let dpu_serials: Vec<String> = keys.iter().filter(|k| k.kind == Kind::Dpu).map(|k| k.name.clone()).collect();
     let mut leases = HashMap::new();
     if !dpu_serials.is_empty() {
@@ -198,16 +184,7 @@ async fn complete(pool: &PgPool, rows: Vec<ObjectRow>) -> Result<Vec<StoredObjec
             allocated.insert(r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?);
         }
     }
-    Ok(rows
-        .into_iter()
-        .map(|row| {
-            let st = statuses.remove(&row.key).unwrap_or_default();
-            let lease = (row.key.kind == Kind::Dpu).then(|| leases.get(&row.key.name).cloned()).flatten();
-            let alloc = (row.key.kind == Kind::XpuNetwork)
-                .then(|| allocated.get(&row.key.name).map_or(0, |n| u64::try_from(*n).unwrap_or(0)));
-            row.into_stored(st, lease, alloc)
-        })
-        .collect())
+    Ok(assemble(rows, statuses, &leases, &allocated))
 }
 
 pub async fn head(pool: &PgPool) -> Result<(i64, i64)> {
@@ -364,37 +341,8 @@ async fn complete_in(tx: &mut Transaction<'static, Postgres>, rows: Vec<ObjectRo
     }
     let keys: Vec<Key> = rows.iter().map(|r| r.key.clone()).collect();
     let (k, ns, n) = key_arrays(&keys);
-    let status_rows = sqlx::query(
-        "SELECT s.*, COALESCE(NOT d.ready, false) AS stale FROM statuses s \
-         JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS k(kind, namespace, name) \
-           ON s.kind = k.kind AND s.namespace = k.namespace AND s.name = k.name \
-         LEFT JOIN dpus d ON s.author = 'dpu/' || d.serial ORDER BY s.author",
-    )
-    .bind(k)
-    .bind(ns)
-    .bind(n)
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut statuses: HashMap<Key, Vec<StoredStatus>> = HashMap::new();
-    for r in &status_rows {
-        let s = status_row(r)?;
-        statuses.entry(s.key.clone()).or_default().push(StoredStatus {
-            author: s.author,
-            observed_generation: s.observed_generation,
-            seq: s.seq,
-            revision: s.revision,
-            status: s.status,
-            updated_at: s.updated_at,
-            stale: r.try_get("stale")?,
-        });
-    }
-    Ok(rows
-        .into_iter()
-        .map(|row| {
-            let st = statuses.remove(&row.key).unwrap_or_default();
-            row.into_stored(st, None, None)
-        })
-        .collect())
+    let status_rows = sqlx::query(STATUSES_OF_KEYS).bind(k).bind(ns).bind(n).fetch_all(&mut **tx).await?;
+    Ok(assemble(rows, stale_statuses(&status_rows)?, &HashMap::new(), &HashMap::new()))
 }
 
 pub async fn dpu_labels(pool: &PgPool, serial: &str) -> Result<Option<Labels>> {
@@ -498,4 +446,39 @@ pub async fn listen(pool: PgPool, replica: String, wakeups: tokio::sync::mpsc::S
             }
         }
     }
+}
+
+/// Everything in the store (for `migrate --from/--to`).
+pub async fn dump(pool: &PgPool) -> Result<super::rows::Dump> {
+    let (head, compacted) = head(pool).await?;
+    let sql = format!("SELECT {OBJECT_COLUMNS}, o.dpu, o.selector FROM objects o ORDER BY o.kind, o.namespace, o.name");
+    let mut objects = Vec::new();
+    for r in sqlx::query(&sql).fetch_all(pool).await? {
+        objects.push((object_row(&r)?, route_from_columns(r.try_get("dpu")?, r.try_get("selector")?)));
+    }
+    let statuses =
+        sqlx::query("SELECT * FROM statuses").fetch_all(pool).await?.iter().map(status_row).collect::<Result<_>>()?;
+    let log = sqlx::query("SELECT * FROM log ORDER BY revision")
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(event_row)
+        .collect::<Result<_>>()?;
+    let dpus = sqlx::query("SELECT * FROM dpus").fetch_all(pool).await?.iter().map(dpu_row).collect::<Result<_>>()?;
+    let mut allocations = Vec::new();
+    for r in sqlx::query("SELECT * FROM ip_allocations").fetch_all(pool).await? {
+        allocations.push(super::rows::Allocation {
+            network: r.try_get("network")?,
+            address: r.try_get("address")?,
+            namespace: r.try_get("namespace")?,
+            name: r.try_get("name")?,
+            revision: r.try_get("revision")?,
+        });
+    }
+    let mut pools = Vec::new();
+    for r in sqlx::query("SELECT * FROM ip_pools").fetch_all(pool).await? {
+        let off: String = r.try_get("next_offset")?;
+        pools.push((r.try_get("network")?, off.parse().unwrap_or(0)));
+    }
+    Ok(super::rows::Dump { head, compacted, objects, statuses, log, dpus, allocations, pools })
 }

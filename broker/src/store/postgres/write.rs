@@ -346,7 +346,7 @@ impl WriteTx for PgWriteTx {
                 tombstones_removed: tomb.rows_affected(),
             };
         }
-        if !f.log.is_empty() {
+        if !f.log.is_empty() || f.force_head {
             sqlx::query("UPDATE xpu_meta SET revision = $1 WHERE id = 1").bind(f.head).execute(&mut *tx).await?;
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(NOTIFY_CHANNEL)
