@@ -77,12 +77,14 @@ ensure_tools() {
   command -v nft >/dev/null 2>&1 || missing+=(nftables)
   command -v ping >/dev/null 2>&1 || missing+=(iputils-ping)
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  # The dashboard's browser test.
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   [ ${#missing[@]} -eq 0 ] && return
   log "installing ${missing[*]}"
   local sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo
   DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 ensure_tools

@@ -35,6 +35,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// Who may read the status API and dashboard.
+    pub access: rest::Access,
 }
 
 impl Config {
@@ -55,6 +57,7 @@ impl Config {
             max_message_bytes: 4 * 1024 * 1024,
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(10),
+            access: rest::Access::default(),
         }
     }
 }
@@ -122,13 +125,14 @@ impl App {
             )),
             tokio::spawn(Arc::clone(&tls).watch(config.tls_reload_interval)),
         ]);
+        tasks.push(tokio::spawn(crate::service::status::run_sampler(Arc::clone(&hub))));
         tasks.push(tokio::spawn(sweep_leases(store.clone(), config.service.lease_duration)));
         tasks.push(tokio::spawn(compact(store.clone(), config.service.log_retention, config.compaction_interval)));
         let grpc =
             TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding {}", config.grpc_addr))?;
         let http =
             TcpListener::bind(config.http_addr).await.with_context(|| format!("binding {}", config.http_addr))?;
-        let ctx = Context { store, hub, config: Arc::new(config.service.clone()) };
+        let ctx = Context { store, hub, config: Arc::new(config.service.clone()), fleet_cache: Arc::default() };
         Ok(App { grpc, http, ctx, tls, config, background: Background(tasks) })
     }
 
@@ -164,9 +168,15 @@ impl App {
             keepalive_interval: config.keepalive_interval,
             keepalive_timeout: config.keepalive_timeout,
         };
-        let rest_state = rest::RestState { store: ctx.store.clone(), hub: Arc::clone(&ctx.hub) };
-        let grpc_server = grpc::serve(grpc, tls, ctx, opts, stopped(stop_rx.clone()));
-        tracing::info!(addr = %http.local_addr()?, "HTTP (health, readiness, metrics) listening");
+        let rest_state = rest::RestState { ctx: ctx.clone(), access: Arc::new(config.access.clone()) };
+        let mtls_rest = rest::mtls_router(rest_state.clone());
+        let grpc_server = grpc::serve(grpc, tls, ctx, opts, mtls_rest, stopped(stop_rx.clone()));
+        tracing::info!(
+            addr = %http.local_addr()?,
+            tokens = config.access.token_key.is_some(),
+            anonymous_read = config.access.anonymous_read,
+            "HTTP (dashboard, status API, health, metrics) listening"
+        );
         let http_server = axum::serve(http, rest::router(rest_state)).with_graceful_shutdown(stopped(stop_rx));
         let result = tokio::select! {
             r = grpc_server => r.context("gRPC server"),

@@ -13,6 +13,7 @@ use crate::{
     identity::Identity,
     store::{Backend, Location},
     tls::TlsPaths,
+    token::TokenKey,
 };
 
 #[derive(Debug, Parser)]
@@ -51,6 +52,37 @@ enum Command {
     Ca(CaCommand),
     /// Operator CLI (kubectl-like) over gRPC with an admin certificate.
     Ctl(ctl::CtlArgs),
+    /// Print the status API's OpenAPI document (generated from the handlers).
+    Openapi,
+    /// Issue a bearer token for the status API and dashboard (signed with the broker's token key).
+    Token {
+        /// Who the token is for (shows up in the broker's log).
+        #[arg(long)]
+        subject: String,
+        /// How long it is valid, e.g. 12h, 30d.
+        #[arg(long, default_value = "30d", value_parser = parse_long_duration)]
+        ttl: Duration,
+        /// The broker's token key file (--token-key of serve).
+        #[arg(long, env = "XPU_TOKEN_KEY", conflicts_with = "data_dir")]
+        key: Option<PathBuf>,
+        /// The broker's data dir, whose token.key is used.
+        #[arg(long, default_value = "./xpu-data")]
+        data_dir: PathBuf,
+    },
+}
+
+/// Like [`parse_duration`], plus days (`30d`).
+fn parse_long_duration(s: &str) -> Result<Duration, String> {
+    match s.trim().strip_suffix('d') {
+        Some(days) => {
+            let n: u64 = days.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 12h, 30d)"))?;
+            if n == 0 {
+                return Err(format!("{s:?} must be positive"));
+            }
+            Ok(Duration::from_secs(n * 86_400))
+        }
+        None => parse_duration(s),
+    }
 }
 
 /// Parses `250ms`, `30s`, `5m`, `1h` (a bare number is seconds).
@@ -132,6 +164,13 @@ struct ServeArgs {
     /// Name of this replica (defaults to a random id).
     #[arg(long, env = "XPU_REPLICA")]
     replica: Option<String>,
+    /// Key that signs and verifies status API tokens (`xpu-broker token`); shared by replicas.
+    /// Default: `<data-dir>/token.key`, created when missing.
+    #[arg(long, env = "XPU_TOKEN_KEY")]
+    token_key: Option<PathBuf>,
+    /// Let anyone read the status API and dashboard without credentials (trusted networks only).
+    #[arg(long, env = "XPU_ANONYMOUS_READ")]
+    anonymous_read: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -193,6 +232,18 @@ impl Args {
             }
             Command::Ca(cmd) => ca_command(cmd).map(|()| ExitCode::SUCCESS),
             Command::Ctl(args) => Ok(ctl::run(args).await),
+            Command::Openapi => {
+                println!("{}", serde_json::to_string_pretty(&crate::rest::openapi())?);
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Token { subject, ttl, key, data_dir } => {
+                anyhow::ensure!(!subject.trim().is_empty(), "--subject must not be empty");
+                let path = key.unwrap_or_else(|| data_dir.join("token.key"));
+                let key = TokenKey::load(&path, false)
+                    .with_context(|| "the broker creates its token key on first start; give --key or --data-dir")?;
+                println!("{}", key.issue(subject.trim(), ttl, chrono::Utc::now()));
+                Ok(ExitCode::SUCCESS)
+            }
         }
     }
 }
@@ -243,6 +294,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_object_bytes,
         max_message_bytes,
         replica,
+        token_key,
+        anonymous_read,
     } = args;
     anyhow::ensure!(heartbeat_interval < lease_duration, "--heartbeat-interval must be shorter than --lease-duration");
     anyhow::ensure!(max_batch > 0 && stream_buffer > 0, "--max-batch and --stream-buffer must be positive");
@@ -282,6 +335,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_message_bytes = max_message_bytes;
     if let Some(r) = replica {
         config.store.replica = r;
+    }
+    // An explicit key must exist (replicas share it); the default one is made on first start.
+    let (key_path, create) = match token_key {
+        Some(p) => (p, false),
+        None => (data_dir.join("token.key"), true),
+    };
+    config.access.token_key = Some(TokenKey::load(&key_path, create)?);
+    config.access.anonymous_read = anonymous_read;
+    if anonymous_read {
+        tracing::warn!("anonymous read: anyone who reaches the HTTP port can read the status API and dashboard");
     }
     let app = App::build(config).await?;
     app.run_until_stopped(shutdown_signal()).await

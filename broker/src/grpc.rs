@@ -271,6 +271,7 @@ pub async fn serve(
     tls: Arc<ReloadingConfig>,
     ctx: Context,
     opts: GrpcOptions,
+    rest: axum::Router,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
@@ -287,10 +288,13 @@ pub async fn serve(
     let max = opts.max_message_bytes;
     let (incoming, accept_task) = tls_incoming(listener, tls);
     tracing::info!(addr = ?addr, "gRPC (mTLS) listening");
+    // The status API rides along for operators with certificates (HTTP/1.1 or h2, not gRPC).
     let result = Server::builder()
         .tcp_nodelay(true)
+        .accept_http1(true)
         .http2_keepalive_interval(Some(opts.keepalive_interval))
         .http2_keepalive_timeout(Some(opts.keepalive_timeout))
+        .add_routes(tonic::service::Routes::from(rest))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(AgentServiceServer::new(g.clone()).max_decoding_message_size(max))

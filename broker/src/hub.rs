@@ -98,8 +98,71 @@ impl Registry {
     }
 }
 
+/// What kind of client holds a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StreamClass {
+    Agent,
+    Cluster,
+    Admin,
+}
+
+impl StreamClass {
+    pub const ALL: [StreamClass; 3] = [StreamClass::Agent, StreamClass::Cluster, StreamClass::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamClass::Agent => "agent",
+            StreamClass::Cluster => "cluster",
+            StreamClass::Admin => "admin",
+        }
+    }
+}
+
+/// One open watch stream as the status API shows it.
+#[derive(Clone, Debug)]
+pub struct StreamInfo {
+    pub identity: String,
+    pub class: StreamClass,
+    pub connected_since: chrono::DateTime<chrono::Utc>,
+    /// The revision the client asked to resume from (0: it started from a snapshot).
+    pub resumed_from: i64,
+    /// The last revision sent to the client.
+    pub delivered: i64,
+}
+
+struct Tracked {
+    identity: String,
+    class: StreamClass,
+    connected_since: chrono::DateTime<chrono::Utc>,
+    resumed_from: i64,
+    delivered: Arc<AtomicI64>,
+}
+
+/// A stream's entry in the list of open streams; removed on drop.
+pub struct StreamTracker {
+    id: u64,
+    delivered: Arc<AtomicI64>,
+    hub: Arc<Hub>,
+}
+
+impl StreamTracker {
+    pub fn delivered(&self, revision: i64) {
+        self.delivered.fetch_max(revision, Ordering::Relaxed);
+    }
+}
+
+impl Drop for StreamTracker {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.hub.tracked.lock() {
+            t.remove(&self.id);
+        }
+    }
+}
+
 pub struct Hub {
     registry: Mutex<Registry>,
+    tracked: Mutex<HashMap<u64, Tracked>>,
+    next_tracked: AtomicU64,
     /// Last revision dispatched.
     head: AtomicI64,
     queue_capacity: usize,
@@ -157,6 +220,8 @@ impl Hub {
     pub fn new(head: i64, queue_capacity: usize) -> Arc<Hub> {
         Arc::new(Hub {
             registry: Mutex::new(Registry::default()),
+            tracked: Mutex::new(HashMap::new()),
+            next_tracked: AtomicU64::new(0),
             head: AtomicI64::new(head),
             queue_capacity,
             lagged_total: AtomicU64::new(0),
@@ -170,6 +235,38 @@ impl Hub {
 
     pub fn stream_count(&self) -> usize {
         self.registry.lock().map(|r| r.filters.len()).unwrap_or(0)
+    }
+
+    /// Lists a client's stream among the open streams until the tracker is dropped.
+    pub fn track(self: &Arc<Self>, identity: String, class: StreamClass, resumed_from: i64) -> StreamTracker {
+        let id = self.next_tracked.fetch_add(1, Ordering::Relaxed);
+        let delivered = Arc::new(AtomicI64::new(resumed_from));
+        let entry = Tracked {
+            identity,
+            class,
+            connected_since: chrono::Utc::now(),
+            resumed_from,
+            delivered: Arc::clone(&delivered),
+        };
+        self.tracked.lock().unwrap_or_else(|p| p.into_inner()).insert(id, entry);
+        StreamTracker { id, delivered, hub: Arc::clone(self) }
+    }
+
+    /// The open streams of this process, oldest first.
+    pub fn streams(&self) -> Vec<StreamInfo> {
+        let t = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<StreamInfo> = t
+            .values()
+            .map(|s| StreamInfo {
+                identity: s.identity.clone(),
+                class: s.class,
+                connected_since: s.connected_since,
+                resumed_from: s.resumed_from,
+                delivered: s.delivered.load(Ordering::Relaxed),
+            })
+            .collect();
+        out.sort_by(|a, b| a.connected_since.cmp(&b.connected_since).then_with(|| a.identity.cmp(&b.identity)));
+        out
     }
 
     pub fn lagged_total(&self) -> u64 {
@@ -226,6 +323,7 @@ impl Hub {
         let mut dropped: Vec<u64> = Vec::new();
         for ev in events {
             let rev = ev.revision;
+            crate::metrics::observe_event(ev);
             if let Some(subs) = reg.by_kind.get(&ev.key.kind) {
                 for (id, sub) in subs {
                     if let Offer::Dropped = offer(sub, Item::Event(Arc::clone(ev)), rev) {

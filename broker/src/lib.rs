@@ -22,6 +22,7 @@ pub mod rest;
 pub mod service;
 pub mod store;
 pub mod tls;
+pub mod token;
 
 pub use app::{App, Config};
 pub use error::{Error, Result};

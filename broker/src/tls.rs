@@ -47,7 +47,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Builds the server config: TLS 1.2/1.3 with rustls' safe defaults, client certificates
-/// required and verified against `client_ca`, ALPN h2 for gRPC.
+/// required and verified against `client_ca`, ALPN h2 for gRPC (and http/1.1 for the status API).
 pub fn server_config(paths: &TlsPaths) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = read_certs(&paths.cert)?;
     let key = read_key(&paths.key)?;
@@ -65,7 +65,7 @@ pub fn server_config(paths: &TlsPaths) -> Result<Arc<ServerConfig>, TlsError> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

@@ -95,7 +95,7 @@ pub fn watch_desired(ctx: &Context, id: &Identity, req: pb::WatchDesiredRequest)
     if req.since_revision < 0 {
         return Err(Error::invalid("sinceRevision", "must not be negative"));
     }
-    Ok(watch::open(ctx, watch::Scope::Dpu(serial), req.since_revision))
+    Ok(watch::open(ctx, id, watch::Scope::Dpu(serial), req.since_revision))
 }
 
 /// Encodes a reported status without the fields the broker owns (set from the report and the

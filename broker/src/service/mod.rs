@@ -5,6 +5,7 @@ pub mod admin;
 pub mod agent;
 pub mod host;
 pub mod objects;
+pub mod status;
 pub mod watch;
 
 use std::{sync::Arc, time::Duration};
@@ -48,6 +49,7 @@ pub struct Context {
     pub store: Store,
     pub hub: Arc<Hub>,
     pub config: Arc<ServiceConfig>,
+    pub fleet_cache: Arc<status::FleetCache>,
 }
 
 const TENANT_WRITES: &[Kind] = &[Kind::Netdev, Kind::FlowPolicy];

@@ -136,5 +136,5 @@ pub fn watch(ctx: &Context, id: &Identity, req: pb::WatchRequest) -> Result<watc
     if req.since_revision < 0 {
         return Err(Error::invalid("sinceRevision", "must not be negative"));
     }
-    Ok(watch::open(ctx, watch::Scope::Kinds(kinds), req.since_revision))
+    Ok(watch::open(ctx, id, watch::Scope::Kinds(kinds), req.since_revision))
 }

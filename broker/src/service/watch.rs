@@ -10,7 +10,8 @@ use xpu_proto::broker::v1 as pb;
 use super::Context;
 use crate::{
     error::{Error, Result},
-    hub::{Filter, Item, Subscription},
+    hub::{Filter, Item, StreamClass, StreamTracker, Subscription},
+    identity::Identity,
     model::{
         Key, Kind, Labels,
         convert::{resource_from_event, resource_from_stored},
@@ -34,11 +35,17 @@ pub enum Scope {
 const OUT_BUFFER: usize = 64;
 const PAGE: usize = 500;
 
-pub fn open(ctx: &Context, scope: Scope, since: i64) -> EventStream {
+pub fn open(ctx: &Context, who: &Identity, scope: Scope, since: i64) -> EventStream {
     let (tx, rx) = mpsc::channel(OUT_BUFFER);
     let ctx = ctx.clone();
+    let class = match who {
+        Identity::Dpu(_) => StreamClass::Agent,
+        Identity::Cluster { .. } => StreamClass::Cluster,
+        Identity::Admin(_) | Identity::Host(_) => StreamClass::Admin,
+    };
+    let tracker = ctx.hub.track(who.to_string(), class, since.max(0));
     tokio::spawn(async move {
-        let mut w = Watch { ctx, scope, tx, labels: Labels::new(), pos: since.max(0) };
+        let mut w = Watch { ctx, scope, tx, labels: Labels::new(), pos: since.max(0), tracker };
         if let Err(e) = w.run().await {
             let _ = w.tx.send(Err(e)).await;
         }
@@ -52,6 +59,7 @@ struct Watch {
     tx: mpsc::Sender<Result<pb::WatchEvent>>,
     labels: Labels,
     pos: i64,
+    tracker: StreamTracker,
 }
 
 /// The client went away: stop quietly.
@@ -69,7 +77,10 @@ fn event(revision: i64, e: pb::watch_event::Event) -> pb::WatchEvent {
 
 impl Watch {
     async fn send(&self, ev: pb::WatchEvent) -> Result<(), Gone> {
-        self.tx.send(Ok(ev)).await.map_err(|_| Gone)
+        let revision = ev.revision;
+        self.tx.send(Ok(ev)).await.map_err(|_| Gone)?;
+        self.tracker.delivered(revision);
+        Ok(())
     }
 
     async fn load_labels(&mut self) -> Result<()> {

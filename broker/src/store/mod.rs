@@ -312,6 +312,50 @@ impl Store {
         }
     }
 
+    pub async fn list_netdevs(
+        &self,
+        q: &NetdevQuery,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<StoredObject>> {
+        match &self.backend {
+            Backend::Postgres(p) => postgres::list_netdevs(p, q, after, limit).await,
+            Backend::Sqlite(p, _) => sqlite::list_netdevs(p, q, after, limit).await,
+        }
+    }
+
+    pub async fn netdev_by_id(&self, id: &str) -> Result<Option<StoredObject>> {
+        match &self.backend {
+            Backend::Postgres(p) => postgres::netdev_by_id(p, id).await,
+            Backend::Sqlite(p, _) => sqlite::netdev_by_id(p, id).await,
+        }
+    }
+
+    /// The newest `limit` log entries of one object (still in the log), newest first.
+    pub async fn history(&self, key: &Key, limit: usize) -> Result<Vec<Event>> {
+        match &self.backend {
+            Backend::Postgres(p) => postgres::history(p, key, limit).await,
+            Backend::Sqlite(p, _) => sqlite::history(p, key, limit).await,
+        }
+    }
+
+    pub async fn dpu_netdev_counts(
+        &self,
+        serials: &[String],
+    ) -> Result<std::collections::HashMap<String, DpuNetdevCounts>> {
+        match &self.backend {
+            Backend::Postgres(p) => postgres::dpu_netdev_counts(p, serials).await,
+            Backend::Sqlite(p, _) => sqlite::dpu_netdev_counts(p, serials).await,
+        }
+    }
+
+    pub async fn dpu_last_errors(&self, serials: &[String]) -> Result<std::collections::HashMap<String, String>> {
+        match &self.backend {
+            Backend::Postgres(p) => postgres::dpu_last_errors(p, serials).await,
+            Backend::Sqlite(p, _) => sqlite::dpu_last_errors(p, serials).await,
+        }
+    }
+
     pub async fn ping(&self) -> Result<()> {
         match &self.backend {
             Backend::Postgres(p) => postgres::ping(p).await,

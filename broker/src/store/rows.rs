@@ -250,3 +250,28 @@ pub fn assemble(
         })
         .collect()
 }
+
+/// Filters of the netdev listing; every field narrows it.
+#[derive(Clone, Debug, Default)]
+pub struct NetdevQuery {
+    pub dpu: Option<String>,
+    /// The tenant node (`spec.hostname`).
+    pub node: Option<String>,
+    /// The phase the DPU reported; "Pending" also matches netdevs without a report.
+    pub phase: Option<String>,
+    pub namespace: Option<String>,
+}
+
+/// Netdevs on one DPU: how many, and how many the DPU has not yet reported at their
+/// current generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DpuNetdevCounts {
+    pub total: u64,
+    pub pending: u64,
+}
+
+/// How a reported error reads in a summary: `Netdev default/bf3-pf0-vf1: no such port`.
+pub fn error_line(kind: &str, namespace: &str, name: &str, message: &str) -> String {
+    let object = if namespace.is_empty() { name.to_string() } else { format!("{namespace}/{name}") };
+    if message.is_empty() { format!("{kind} {object}: error") } else { format!("{kind} {object}: {message}") }
+}

@@ -10,7 +10,7 @@ use sqlx::{
 
 use super::{
     LogFilter,
-    rows::{DpuRow, ObjectRow, StatusRow, assemble, route_from_columns},
+    rows::{DpuNetdevCounts, DpuRow, NetdevQuery, ObjectRow, StatusRow, assemble, route_from_columns},
 };
 use crate::{
     error::{Error, Result},
@@ -355,10 +355,119 @@ pub async fn dpu_labels(pool: &PgPool, serial: &str) -> Result<Option<Labels>> {
     row.map(|r| Ok(labels_of(r.try_get(0)?))).transpose()
 }
 
+/// A page of live Netdevs matching `q`, ordered by (namespace, name), after `after`. A phase
+/// other than Pending is looked up through the status index, so a rare phase costs no scan.
+pub async fn list_netdevs(
+    pool: &PgPool,
+    q: &NetdevQuery,
+    after: Option<(String, String)>,
+    limit: usize,
+) -> Result<Vec<StoredObject>> {
+    let (after_ns, after_name) = after.unwrap_or_default();
+    let common = "o.kind = 'Netdev' AND o.deleted_revision IS NULL AND ($1::text IS NULL OR o.dpu = $1) \
+         AND ($2::text IS NULL OR o.spec->>'hostname' = $2) AND ($3::text IS NULL OR o.namespace = $3) \
+         AND (o.namespace, o.name) > ($4, $5)";
+    let sql = match q.phase.as_deref() {
+        None => format!("SELECT {OBJECT_COLUMNS} FROM objects o WHERE {common} ORDER BY o.namespace, o.name LIMIT $6"),
+        Some("Pending") => format!(
+            "SELECT {OBJECT_COLUMNS} FROM objects o WHERE {common} AND COALESCE((SELECT s.status->>'phase' \
+             FROM statuses s WHERE s.kind = 'Netdev' AND s.namespace = o.namespace AND s.name = o.name \
+             AND s.author = 'dpu/' || o.dpu), 'Pending') = 'Pending' ORDER BY o.namespace, o.name LIMIT $6"
+        ),
+        Some(_) => format!(
+            "SELECT {OBJECT_COLUMNS} FROM statuses s JOIN objects o ON o.kind = s.kind AND o.namespace = s.namespace \
+             AND o.name = s.name WHERE s.kind = 'Netdev' AND s.status->>'phase' = $7 AND s.author = 'dpu/' || o.dpu \
+             AND (s.namespace, s.name) > ($4, $5) AND {common} ORDER BY s.namespace, s.name LIMIT $6"
+        ),
+    };
+    let mut query = sqlx::query(&sql)
+        .bind(q.dpu.as_deref())
+        .bind(q.node.as_deref())
+        .bind(q.namespace.as_deref())
+        .bind(after_ns)
+        .bind(after_name)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+    if let Some(phase) = q.phase.as_deref().filter(|p| *p != "Pending") {
+        query = query.bind(phase);
+    }
+    let rows = query.fetch_all(pool).await?;
+    let rows = rows.iter().map(object_row).collect::<Result<Vec<_>>>()?;
+    complete(pool, rows).await
+}
+
+/// The Netdev with this id (its name), live or else its latest tombstone.
+pub async fn netdev_by_id(pool: &PgPool, id: &str) -> Result<Option<StoredObject>> {
+    let sql = format!(
+        "SELECT {OBJECT_COLUMNS} FROM objects o WHERE o.kind = 'Netdev' AND o.name = $1 \
+         ORDER BY o.deleted_revision IS NULL DESC, o.deleted_revision DESC LIMIT 1"
+    );
+    let Some(row) = sqlx::query(&sql).bind(id).fetch_optional(pool).await? else { return Ok(None) };
+    Ok(complete(pool, vec![object_row(&row)?]).await?.into_iter().next())
+}
+
+/// The newest `limit` log entries of one object, newest first.
+pub async fn history(pool: &PgPool, key: &Key, limit: usize) -> Result<Vec<Event>> {
+    let rows = sqlx::query(
+        "SELECT * FROM log WHERE kind = $1 AND namespace = $2 AND name = $3 ORDER BY revision DESC LIMIT $4",
+    )
+    .bind(key.kind.as_str())
+    .bind(&key.namespace)
+    .bind(&key.name)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(event_row).collect()
+}
+
+/// Netdev totals and not-yet-realised counts of the given DPUs.
+pub async fn dpu_netdev_counts(pool: &PgPool, serials: &[String]) -> Result<HashMap<String, DpuNetdevCounts>> {
+    let rows = sqlx::query(
+        "SELECT o.dpu, count(*)::int8, count(*) FILTER (WHERE s.observed_generation IS NULL \
+         OR s.observed_generation < o.generation)::int8 FROM objects o LEFT JOIN statuses s ON s.kind = o.kind \
+         AND s.namespace = o.namespace AND s.name = o.name AND s.author = 'dpu/' || o.dpu \
+         WHERE o.kind = 'Netdev' AND o.deleted_revision IS NULL AND o.dpu = ANY($1) GROUP BY o.dpu",
+    )
+    .bind(serials)
+    .fetch_all(pool)
+    .await?;
+    let mut out = HashMap::new();
+    for r in rows {
+        let (total, pending): (i64, i64) = (r.try_get(1)?, r.try_get(2)?);
+        out.insert(
+            r.try_get::<String, _>(0)?,
+            DpuNetdevCounts { total: u64::try_from(total).unwrap_or(0), pending: u64::try_from(pending).unwrap_or(0) },
+        );
+    }
+    Ok(out)
+}
+
+/// The newest error each of the given DPUs reported (as "<Kind> <namespace/name>: <message>").
+pub async fn dpu_last_errors(pool: &PgPool, serials: &[String]) -> Result<HashMap<String, String>> {
+    let authors: Vec<String> = serials.iter().map(|s| format!("dpu/{s}")).collect();
+    let rows = sqlx::query(
+        "SELECT DISTINCT ON (author) author, kind, namespace, name, COALESCE(status->>'message', '') \
+         FROM statuses WHERE author = ANY($1) AND status->>'phase' = 'Error' ORDER BY author, updated_at DESC",
+    )
+    .bind(authors)
+    .fetch_all(pool)
+    .await?;
+    let mut out = HashMap::new();
+    for r in rows {
+        let author: String = r.try_get(0)?;
+        let (kind, ns, name, msg): (String, String, String, String) =
+            (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?);
+        let serial = author.strip_prefix("dpu/").unwrap_or(&author).to_string();
+        out.insert(serial, super::rows::error_line(&kind, &ns, &name, &msg));
+    }
+    Ok(out)
+}
+
 pub struct FleetCounts {
     pub dpus_ready: u32,
     pub dpus_unknown: u32,
     pub netdevs_by_phase: Vec<(String, u64)>,
+    /// Netdevs on DPUs whose lease lapsed.
+    pub netdevs_stale: u64,
     pub objects_by_kind: Vec<(String, u64)>,
 }
 
@@ -380,6 +489,12 @@ pub async fn fleet_counts(pool: &PgPool) -> Result<FleetCounts> {
     )
     .fetch_all(pool)
     .await?;
+    let stale: i64 = sqlx::query_scalar(
+        "SELECT count(*)::int8 FROM objects o JOIN dpus d ON d.serial = o.dpu \
+         WHERE o.kind = 'Netdev' AND o.deleted_revision IS NULL AND NOT d.ready",
+    )
+    .fetch_one(pool)
+    .await?;
     let pairs = |rows: Vec<PgRow>| -> Result<Vec<(String, u64)>> {
         rows.iter()
             .map(|r| Ok((r.try_get::<String, _>(0)?, u64::try_from(r.try_get::<i64, _>(1)?).unwrap_or(0))))
@@ -389,6 +504,7 @@ pub async fn fleet_counts(pool: &PgPool) -> Result<FleetCounts> {
         dpus_ready: u32::try_from(ready).unwrap_or(u32::MAX),
         dpus_unknown: u32::try_from(unknown).unwrap_or(u32::MAX),
         netdevs_by_phase: pairs(phases)?,
+        netdevs_stale: u64::try_from(stale).unwrap_or(0),
         objects_by_kind: pairs(kinds)?,
     })
 }

@@ -17,7 +17,7 @@ use sqlx::{
 pub use self::write::SqliteWriteTx;
 use super::{
     FleetCounts, LogFilter,
-    rows::{DpuRow, ObjectRow, StatusRow, assemble, route_from_columns},
+    rows::{DpuNetdevCounts, DpuRow, NetdevQuery, ObjectRow, StatusRow, assemble, route_from_columns},
 };
 use crate::{
     error::{Error, Result},
@@ -394,6 +394,12 @@ pub async fn fleet_counts(pool: &SqlitePool) -> Result<FleetCounts> {
     )
     .fetch_all(pool)
     .await?;
+    let stale: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM objects o JOIN dpus d ON d.serial = o.dpu \
+         WHERE o.kind = 'Netdev' AND o.deleted_revision IS NULL AND d.ready = 0",
+    )
+    .fetch_one(pool)
+    .await?;
     let kinds =
         sqlx::query("SELECT kind, count(*) FROM objects WHERE deleted_revision IS NULL GROUP BY kind ORDER BY kind")
             .fetch_all(pool)
@@ -402,8 +408,131 @@ pub async fn fleet_counts(pool: &SqlitePool) -> Result<FleetCounts> {
         dpus_ready: u32::try_from(ready).unwrap_or(u32::MAX),
         dpus_unknown: u32::try_from(unknown).unwrap_or(u32::MAX),
         netdevs_by_phase: pairs(phases)?,
+        netdevs_stale: u64::try_from(stale).unwrap_or(0),
         objects_by_kind: pairs(kinds)?,
     })
+}
+
+/// A page of live Netdevs matching `q`, ordered by (namespace, name), after `after`. A phase
+/// other than Pending is looked up through the status index, so a rare phase costs no scan.
+pub async fn list_netdevs(
+    pool: &SqlitePool,
+    q: &NetdevQuery,
+    after: Option<(String, String)>,
+    limit: usize,
+) -> Result<Vec<StoredObject>> {
+    let mut conn = pool.acquire().await?;
+    let (after_ns, after_name) = after.unwrap_or_default();
+    let cols = "o.kind, o.namespace, o.name, o.uid, o.generation, o.revision, o.labels, o.spec, o.spec_author, \
+         o.created_at, o.updated_at, o.deleted_revision";
+    let common = "o.kind = 'Netdev' AND o.deleted_revision IS NULL AND (?1 IS NULL OR o.dpu = ?1) \
+         AND (?2 IS NULL OR json_extract(o.spec, '$.hostname') = ?2) AND (?3 IS NULL OR o.namespace = ?3) \
+         AND (o.namespace, o.name) > (?4, ?5)";
+    let sql = match q.phase.as_deref() {
+        None => format!("SELECT {cols} FROM objects o WHERE {common} ORDER BY o.namespace, o.name LIMIT ?6"),
+        Some("Pending") => format!(
+            "SELECT {cols} FROM objects o WHERE {common} AND COALESCE((SELECT json_extract(s.status, '$.phase') \
+             FROM statuses s WHERE s.kind = 'Netdev' AND s.namespace = o.namespace AND s.name = o.name \
+             AND s.author = 'dpu/' || o.dpu), 'Pending') = 'Pending' ORDER BY o.namespace, o.name LIMIT ?6"
+        ),
+        Some(_) => format!(
+            "SELECT {cols} FROM statuses s JOIN objects o ON o.kind = s.kind AND o.namespace = s.namespace \
+             AND o.name = s.name WHERE s.kind = 'Netdev' AND json_extract(s.status, '$.phase') = ?7 \
+             AND s.author = 'dpu/' || o.dpu AND (s.namespace, s.name) > (?4, ?5) AND {common} \
+             ORDER BY s.namespace, s.name LIMIT ?6"
+        ),
+    };
+    let mut query = sqlx::query(&sql)
+        .bind(q.dpu.as_deref())
+        .bind(q.node.as_deref())
+        .bind(q.namespace.as_deref())
+        .bind(after_ns)
+        .bind(after_name)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+    if let Some(phase) = q.phase.as_deref().filter(|p| *p != "Pending") {
+        query = query.bind(phase);
+    }
+    let rows = query.fetch_all(&mut *conn).await?;
+    let rows = rows.iter().map(object_row).collect::<Result<Vec<_>>>()?;
+    complete(&mut conn, rows, true).await
+}
+
+/// The Netdev with this id (its name), live or else its latest tombstone.
+pub async fn netdev_by_id(pool: &SqlitePool, id: &str) -> Result<Option<StoredObject>> {
+    let mut conn = pool.acquire().await?;
+    let sql = format!(
+        "SELECT {OBJECT_COLUMNS} FROM objects WHERE kind = 'Netdev' AND name = ? \
+         ORDER BY deleted_revision IS NULL DESC, deleted_revision DESC LIMIT 1"
+    );
+    let Some(row) = sqlx::query(&sql).bind(id).fetch_optional(&mut *conn).await? else { return Ok(None) };
+    Ok(complete(&mut conn, vec![object_row(&row)?], true).await?.into_iter().next())
+}
+
+/// The newest `limit` log entries of one object, newest first.
+pub async fn history(pool: &SqlitePool, key: &Key, limit: usize) -> Result<Vec<Event>> {
+    let rows =
+        sqlx::query("SELECT * FROM log WHERE kind = ? AND namespace = ? AND name = ? ORDER BY revision DESC LIMIT ?")
+            .bind(key.kind.as_str())
+            .bind(&key.namespace)
+            .bind(&key.name)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(pool)
+            .await?;
+    rows.iter().map(event_row).collect()
+}
+
+/// Netdev totals and not-yet-realised counts of the given DPUs.
+pub async fn dpu_netdev_counts(pool: &SqlitePool, serials: &[String]) -> Result<HashMap<String, DpuNetdevCounts>> {
+    let mut out = HashMap::new();
+    for chunk in serials.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT o.dpu, count(*), COALESCE(sum(s.observed_generation IS NULL OR s.observed_generation < o.generation), 0) \
+             FROM objects o LEFT JOIN statuses s ON s.kind = o.kind AND s.namespace = o.namespace AND s.name = o.name \
+             AND s.author = 'dpu/' || o.dpu WHERE o.kind = 'Netdev' AND o.deleted_revision IS NULL \
+             AND o.dpu IN ({}) GROUP BY o.dpu",
+            vec!["?"; chunk.len()].join(",")
+        );
+        let mut q = sqlx::query(&sql);
+        for s in chunk {
+            q = q.bind(s);
+        }
+        for r in q.fetch_all(pool).await? {
+            let (total, pending): (i64, i64) = (r.try_get(1)?, r.try_get(2)?);
+            out.insert(
+                r.try_get::<String, _>(0)?,
+                DpuNetdevCounts {
+                    total: u64::try_from(total).unwrap_or(0),
+                    pending: u64::try_from(pending).unwrap_or(0),
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The newest error each of the given DPUs reported (as "<Kind> <namespace/name>: <message>").
+pub async fn dpu_last_errors(pool: &SqlitePool, serials: &[String]) -> Result<HashMap<String, String>> {
+    let mut out = HashMap::new();
+    for chunk in serials.chunks(CHUNK) {
+        // SQLite takes the bare columns from the row holding max(updated_at).
+        let sql = format!(
+            "SELECT author, kind, namespace, name, COALESCE(json_extract(status, '$.message'), ''), max(updated_at) \
+             FROM statuses WHERE author IN ({}) AND json_extract(status, '$.phase') = 'Error' GROUP BY author",
+            vec!["?"; chunk.len()].join(",")
+        );
+        let mut q = sqlx::query(&sql);
+        for s in chunk {
+            q = q.bind(format!("dpu/{s}"));
+        }
+        for r in q.fetch_all(pool).await? {
+            let author: String = r.try_get(0)?;
+            let (kind, ns, name, msg): (String, String, String, String) =
+                (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?);
+            let serial = author.strip_prefix("dpu/").unwrap_or(&author).to_string();
+            out.insert(serial, super::rows::error_line(&kind, &ns, &name, &msg));
+        }
+    }
+    Ok(out)
 }
 
 pub async fn ping(pool: &SqlitePool) -> Result<()> {
