@@ -126,6 +126,9 @@ struct ServeArgs {
     dev: bool,
     #[arg(long, env = "XPU_DB_MAX_CONNECTIONS", default_value_t = 16)]
     db_max_connections: u32,
+    /// Longest a request waits for the database before it is refused as UNAVAILABLE (retry).
+    #[arg(long, env = "XPU_DB_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    db_timeout: Duration,
     /// Server certificate (PEM), reloaded when it changes.
     #[arg(long, env = "XPU_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -279,6 +282,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir,
         dev,
         db_max_connections,
+        db_timeout,
         tls_cert,
         tls_key,
         client_ca,
@@ -322,6 +326,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.grpc_addr = grpc_addr;
     config.http_addr = http_addr;
     config.max_db_connections = db_max_connections;
+    config.store.op_timeout = db_timeout;
     config.service.lease_duration = lease_duration;
     config.service.heartbeat_interval = heartbeat_interval;
     config.service.attach_timeout = attach_timeout;

@@ -46,6 +46,9 @@ pub struct StoreConfig {
     pub lease_duration: Duration,
     /// Name of this broker process among replicas sharing the database.
     pub replica: String,
+    /// Longest a read or a write transaction may wait for the database before the caller gets
+    /// UNAVAILABLE (a stalled connection must not hang requests).
+    pub op_timeout: Duration,
 }
 
 impl Default for StoreConfig {
@@ -55,6 +58,7 @@ impl Default for StoreConfig {
             queue_capacity: 16 * 1024,
             lease_duration: Duration::from_secs(30),
             replica: uuid::Uuid::new_v4().to_string(),
+            op_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -249,24 +253,33 @@ impl Store {
 
     /// Current revision and compaction horizon.
     pub async fn head(&self) -> Result<(i64, i64)> {
-        match &self.backend {
-            Backend::Postgres(p) => postgres::head(p).await,
-            Backend::Sqlite(p, _) => sqlite::head(p).await,
-        }
+        bounded(self.config.op_timeout, async {
+            match &self.backend {
+                Backend::Postgres(p) => postgres::head(p).await,
+                Backend::Sqlite(p, _) => sqlite::head(p).await,
+            }
+        })
+        .await
     }
 
     pub async fn get(&self, key: &Key) -> Result<Option<StoredObject>> {
-        match &self.backend {
-            Backend::Postgres(p) => postgres::get(p, key, false).await,
-            Backend::Sqlite(p, _) => sqlite::get(p, key, false).await,
-        }
+        bounded(self.config.op_timeout, async {
+            match &self.backend {
+                Backend::Postgres(p) => postgres::get(p, key, false).await,
+                Backend::Sqlite(p, _) => sqlite::get(p, key, false).await,
+            }
+        })
+        .await
     }
 
     pub async fn get_including_deleted(&self, key: &Key) -> Result<Option<StoredObject>> {
-        match &self.backend {
-            Backend::Postgres(p) => postgres::get(p, key, true).await,
-            Backend::Sqlite(p, _) => sqlite::get(p, key, true).await,
-        }
+        bounded(self.config.op_timeout, async {
+            match &self.backend {
+                Backend::Postgres(p) => postgres::get(p, key, true).await,
+                Backend::Sqlite(p, _) => sqlite::get(p, key, true).await,
+            }
+        })
+        .await
     }
 
     pub async fn list(
@@ -277,39 +290,54 @@ impl Store {
         after: Option<(String, String)>,
         limit: usize,
     ) -> Result<Vec<StoredObject>> {
-        match &self.backend {
-            Backend::Postgres(p) => postgres::list(p, kind, namespace, selector, after, limit).await,
-            Backend::Sqlite(p, _) => sqlite::list(p, kind, namespace, selector, after, limit).await,
-        }
+        bounded(self.config.op_timeout, async {
+            match &self.backend {
+                Backend::Postgres(p) => postgres::list(p, kind, namespace, selector, after, limit).await,
+                Backend::Sqlite(p, _) => sqlite::list(p, kind, namespace, selector, after, limit).await,
+            }
+        })
+        .await
     }
 
     /// Log entries after `after`, and the compaction horizon read after them.
     pub async fn read_log(&self, after: i64, limit: usize, filter: &LogFilter) -> Result<(Vec<Event>, i64)> {
-        match &self.backend {
-            Backend::Postgres(p) => postgres::read_log(p, after, limit, filter).await,
-            Backend::Sqlite(p, _) => sqlite::read_log(p, after, limit, filter).await,
-        }
+        bounded(self.config.op_timeout, async {
+            match &self.backend {
+                Backend::Postgres(p) => postgres::read_log(p, after, limit, filter).await,
+                Backend::Sqlite(p, _) => sqlite::read_log(p, after, limit, filter).await,
+            }
+        })
+        .await
     }
 
     pub async fn snapshot(&self) -> Result<Snapshot> {
-        Ok(match &self.backend {
-            Backend::Postgres(p) => Snapshot::Postgres(postgres::Snapshot::begin(p).await?),
-            Backend::Sqlite(p, _) => Snapshot::Sqlite(sqlite::Snapshot::begin(p).await?),
+        bounded(self.config.op_timeout, async {
+            Ok(match &self.backend {
+                Backend::Postgres(p) => Snapshot::Postgres(postgres::Snapshot::begin(p).await?),
+                Backend::Sqlite(p, _) => Snapshot::Sqlite(sqlite::Snapshot::begin(p).await?),
+            })
         })
+        .await
     }
 
     pub async fn dpu_labels(&self, serial: &str) -> Result<Option<Labels>> {
-        match &self.backend {
-            Backend::Postgres(p) => postgres::dpu_labels(p, serial).await,
-            Backend::Sqlite(p, _) => sqlite::dpu_labels(p, serial).await,
-        }
+        bounded(self.config.op_timeout, async {
+            match &self.backend {
+                Backend::Postgres(p) => postgres::dpu_labels(p, serial).await,
+                Backend::Sqlite(p, _) => sqlite::dpu_labels(p, serial).await,
+            }
+        })
+        .await
     }
 
     pub async fn fleet_counts(&self) -> Result<FleetCounts> {
-        match &self.backend {
-            Backend::Postgres(p) => postgres::fleet_counts(p).await,
-            Backend::Sqlite(p, _) => sqlite::fleet_counts(p).await,
-        }
+        bounded(self.config.op_timeout, async {
+            match &self.backend {
+                Backend::Postgres(p) => postgres::fleet_counts(p).await,
+                Backend::Sqlite(p, _) => sqlite::fleet_counts(p).await,
+            }
+        })
+        .await
     }
 
     pub async fn list_netdevs(
@@ -318,48 +346,76 @@ impl Store {
         after: Option<(String, String)>,
         limit: usize,
     ) -> Result<Vec<StoredObject>> {
-        match &self.backend {
-            Backend::Postgres(p) => postgres::list_netdevs(p, q, after, limit).await,
-            Backend::Sqlite(p, _) => sqlite::list_netdevs(p, q, after, limit).await,
-        }
+        bounded(self.config.op_timeout, async {
+            match &self.backend {
+                Backend::Postgres(p) => postgres::list_netdevs(p, q, after, limit).await,
+                Backend::Sqlite(p, _) => sqlite::list_netdevs(p, q, after, limit).await,
+            }
+        })
+        .await
     }
 
     pub async fn netdev_by_id(&self, id: &str) -> Result<Option<StoredObject>> {
-        match &self.backend {
-            Backend::Postgres(p) => postgres::netdev_by_id(p, id).await,
-            Backend::Sqlite(p, _) => sqlite::netdev_by_id(p, id).await,
-        }
+        bounded(self.config.op_timeout, async {
+            match &self.backend {
+                Backend::Postgres(p) => postgres::netdev_by_id(p, id).await,
+                Backend::Sqlite(p, _) => sqlite::netdev_by_id(p, id).await,
+            }
+        })
+        .await
     }
 
     /// The newest `limit` log entries of one object (still in the log), newest first.
     pub async fn history(&self, key: &Key, limit: usize) -> Result<Vec<Event>> {
-        match &self.backend {
-            Backend::Postgres(p) => postgres::history(p, key, limit).await,
-            Backend::Sqlite(p, _) => sqlite::history(p, key, limit).await,
-        }
+        bounded(self.config.op_timeout, async {
+            match &self.backend {
+                Backend::Postgres(p) => postgres::history(p, key, limit).await,
+                Backend::Sqlite(p, _) => sqlite::history(p, key, limit).await,
+            }
+        })
+        .await
     }
 
     pub async fn dpu_netdev_counts(
         &self,
         serials: &[String],
     ) -> Result<std::collections::HashMap<String, DpuNetdevCounts>> {
-        match &self.backend {
-            Backend::Postgres(p) => postgres::dpu_netdev_counts(p, serials).await,
-            Backend::Sqlite(p, _) => sqlite::dpu_netdev_counts(p, serials).await,
-        }
+        bounded(self.config.op_timeout, async {
+            match &self.backend {
+                Backend::Postgres(p) => postgres::dpu_netdev_counts(p, serials).await,
+                Backend::Sqlite(p, _) => sqlite::dpu_netdev_counts(p, serials).await,
+            }
+        })
+        .await
     }
 
     pub async fn dpu_last_errors(&self, serials: &[String]) -> Result<std::collections::HashMap<String, String>> {
-        match &self.backend {
-            Backend::Postgres(p) => postgres::dpu_last_errors(p, serials).await,
-            Backend::Sqlite(p, _) => sqlite::dpu_last_errors(p, serials).await,
-        }
+        bounded(self.config.op_timeout, async {
+            match &self.backend {
+                Backend::Postgres(p) => postgres::dpu_last_errors(p, serials).await,
+                Backend::Sqlite(p, _) => sqlite::dpu_last_errors(p, serials).await,
+            }
+        })
+        .await
     }
 
     pub async fn ping(&self) -> Result<()> {
-        match &self.backend {
-            Backend::Postgres(p) => postgres::ping(p).await,
-            Backend::Sqlite(p, _) => sqlite::ping(p).await,
+        bounded(self.config.op_timeout, async {
+            match &self.backend {
+                Backend::Postgres(p) => postgres::ping(p).await,
+                Backend::Sqlite(p, _) => sqlite::ping(p).await,
+            }
+        })
+        .await
+    }
+}
+
+/// `f`, or UNAVAILABLE when the database does not answer within `limit`.
+async fn bounded<T>(limit: Duration, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => r,
+        Err(_) => {
+            Err(Error::Unavailable(format!("the database did not answer within {}s", limit.as_secs_f64()).into()))
         }
     }
 }
@@ -408,7 +464,9 @@ async fn writer(
         let batch: Vec<Pending> = std::mem::take(&mut queue);
         let requests: Vec<&Request> = batch.iter().map(|p| &p.request).collect();
         let started = std::time::Instant::now();
-        let result = run_batch(&pool, &config, &requests).await;
+        // A batch that outlives the limit may or may not have committed: its callers get
+        // UNAVAILABLE (retry), and the fan-out finds any commit in the log.
+        let result = bounded(config.op_timeout, run_batch(&pool, &config, &requests)).await;
         crate::metrics::record_batch(batch.len(), started.elapsed());
         match result {
             Ok(res) => deliver(res, batch, &committed).await,
@@ -416,7 +474,7 @@ async fn writer(
                 // Find the request that broke the transaction: commit each on its own.
                 tracing::warn!(error = %err, size = batch.len(), "batch failed, retrying requests one by one");
                 for p in batch {
-                    let res = run_batch(&pool, &config, &[&p.request]).await;
+                    let res = bounded(config.op_timeout, run_batch(&pool, &config, &[&p.request])).await;
                     match res {
                         Ok(res) => deliver(res, vec![p], &committed).await,
                         Err(e) => {
