@@ -77,6 +77,8 @@ ensure_tools() {
   command -v nft >/dev/null 2>&1 || missing+=(nftables)
   command -v ping >/dev/null 2>&1 || missing+=(iputils-ping)
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  # The TLS scanner check of the broker's listener.
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   # The dashboard's browser test.
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   [ ${#missing[@]} -eq 0 ] && return

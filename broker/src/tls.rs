@@ -47,7 +47,8 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Builds the server config: TLS 1.2/1.3 with rustls' safe defaults, client certificates
-/// required and verified against `client_ca`, ALPN h2 for gRPC (and http/1.1 for the status API).
+/// required and verified against `client_ca`, ALPN h2 for gRPC (and http/1.1 for the status API),
+/// no session resumption.
 pub fn server_config(paths: &TlsPaths) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = read_certs(&paths.cert)?;
     let key = read_key(&paths.key)?;
@@ -66,6 +67,10 @@ pub fn server_config(paths: &TlsPaths) -> Result<Arc<ServerConfig>, TlsError> {
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // No session resumption: a resumed session skips client-certificate verification, so a
+    // certificate that expired since (and every session resumed from it) would still get in.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 

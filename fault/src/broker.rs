@@ -55,7 +55,9 @@ impl BrokerProcess {
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut b = BrokerProcess { grpc, http, log: work.join("broker.log"), binary, args, child: None, starts: 0 };
         b.spawn();
-        b.wait_ready(Duration::from_secs(30)).await.expect("the broker becomes ready");
+        if b.wait_ready(Duration::from_secs(30)).await.is_none() {
+            panic!("the broker did not become ready:\n{}", b.log_text());
+        }
         b
     }
 

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod crd;
+pub mod failpoint;
 
 use std::{path::PathBuf, time::Duration};
 

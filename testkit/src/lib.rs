@@ -241,6 +241,21 @@ impl Agent {
         state_dir: &Path,
         extra: &[&str],
     ) -> Agent {
+        Agent::spawn_with_env(binary, netns, broker, certs, serial, state_dir, extra, &[])
+    }
+
+    /// As [`Agent::spawn`], with extra environment variables (e.g. `XPU_FAILPOINTS`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_with_env(
+        binary: &Path,
+        netns: Option<&str>,
+        broker: &str,
+        certs: &Path,
+        serial: &str,
+        state_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         std::fs::create_dir_all(state_dir).unwrap();
         let log = state_dir.join("agent.log");
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
@@ -261,6 +276,7 @@ impl Agent {
             .args(["--flow-interval", "300ms", "--max-backoff", "1s"])
             .args(extra)
             .env("XPU_LOG", "info,xpu_infra_sync=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf);
         Agent { child: cmd.spawn().unwrap(), log }

@@ -111,7 +111,7 @@ impl Watch {
             // database): either way the client's view cannot be patched up.
             self.snapshot(pb::resync::Reason::ResyncRequired).await
         } else {
-            self.replay().await
+            self.replay_to(head).await
         };
         match outcome {
             Ok(()) => {}
@@ -169,6 +169,19 @@ impl Watch {
             Some(out) => self.send(out).await.map_err(|_| None),
             None => Ok(()),
         }
+    }
+
+    /// Replays the log, then tells the client it is current up to `head` (read after the
+    /// subscription was registered): changes after it arrive live, and those before it that
+    /// this stream filters out would otherwise leave the client below the head until the next
+    /// change that concerns it.
+    async fn replay_to(&mut self, head: i64) -> Result<(), Option<Error>> {
+        self.replay().await?;
+        if head > self.pos {
+            self.pos = head;
+            self.send(event(head, pb::watch_event::Event::Bookmark(pb::Bookmark {}))).await.map_err(|_| None)?;
+        }
+        Ok(())
     }
 
     async fn replay(&mut self) -> Result<(), Option<Error>> {

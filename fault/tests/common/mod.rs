@@ -55,8 +55,13 @@ impl Dpu {
 
     /// Kills the agent (SIGKILL) and starts it again on the same state directory.
     pub fn restart_agent(&mut self, broker_url: &str, extra: &[&str]) {
+        self.restart_agent_with_env(broker_url, extra, &[]);
+    }
+
+    pub fn restart_agent_with_env(&mut self, broker_url: &str, extra: &[&str], env: &[(&str, &str)]) {
         self.agent.kill();
-        self.agent = spawn_agent(&self.certs, broker_url, &self.serial, &self.sim_handle, &self.state, extra);
+        self.agent =
+            spawn_agent_with_env(&self.certs, broker_url, &self.serial, &self.sim_handle, &self.state, extra, env);
     }
 }
 
@@ -68,10 +73,22 @@ pub fn spawn_agent(
     state: &tempfile::TempDir,
     extra: &[&str],
 ) -> Agent {
+    spawn_agent_with_env(certs, broker_url, serial, sim, state, extra, &[])
+}
+
+pub fn spawn_agent_with_env(
+    certs: &std::path::Path,
+    broker_url: &str,
+    serial: &str,
+    sim: &SimHandle,
+    state: &tempfile::TempDir,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Agent {
     let opi = sim.addr.to_string();
     let mut args = vec!["--dataplane", "opi", "--opi-endpoint", opi.as_str()];
     args.extend_from_slice(extra);
-    Agent::spawn(&agent_binary(), None, broker_url, certs, serial, state.path(), &args)
+    Agent::spawn_with_env(&agent_binary(), None, broker_url, certs, serial, state.path(), &args, env)
 }
 
 /// The identifying part of any resource.
@@ -198,6 +215,12 @@ impl Replica {
                 self.revision = ev.revision;
                 if c.r#type == pb::ChangeType::Deleted as i32 {
                     self.objects.remove(&id);
+                } else if c.r#type == pb::ChangeType::Status as i32 {
+                    // A status never creates an object (e.g. a DPU acknowledging the removal
+                    // of a deleted one).
+                    if let Some(v) = self.objects.get_mut(&id) {
+                        *v = version;
+                    }
                 } else {
                     self.objects.insert(id, version);
                 }

@@ -197,6 +197,16 @@ async fn session(shared: &Arc<Shared>) -> anyhow::Result<()> {
         .into_inner();
     tracing::info!(revision = reg.current_revision, "registered with the broker");
     shared.book.resend_all(reg.last_status_seq);
+    {
+        let mut s = shared.lock();
+        if !s.current {
+            s.catch_up_to = reg.current_revision;
+            if s.check_current() {
+                drop(s);
+                caught_up(shared);
+            }
+        }
+    }
 
     let heartbeat = {
         let mut client = client.clone();
@@ -235,6 +245,14 @@ async fn session(shared: &Arc<Shared>) -> anyhow::Result<()> {
     }
 }
 
+/// The replay reached the broker's current state: reconcile, and look for orphans.
+fn caught_up(shared: &Shared) {
+    let revision = shared.lock().revision;
+    tracing::info!(revision, "caught up with the broker: reconciling the dataplane");
+    shared.sweeps.notify_one();
+    shared.wake.notify_one();
+}
+
 fn handle_event(shared: &Shared, ev: pb::WatchEvent, snapshot: &mut Option<Vec<pb::Resource>>) {
     let revision = ev.revision;
     match ev.event {
@@ -253,6 +271,7 @@ fn handle_event(shared: &Shared, ev: pb::WatchEvent, snapshot: &mut Option<Vec<p
             s.objects = objects.iter().filter_map(identify).collect();
             s.revision = revision;
             s.known = true;
+            s.current = true;
             s.dirty = true;
             drop(s);
             tracing::info!(revision, "snapshot applied to the desired state");
@@ -271,7 +290,11 @@ fn handle_event(shared: &Shared, ev: pb::WatchEvent, snapshot: &mut Option<Vec<p
             }
             s.revision = s.revision.max(revision);
             s.dirty = true;
+            let now_current = s.check_current();
             drop(s);
+            if now_current {
+                caught_up(shared);
+            }
             shared.wake.notify_one();
         }
         Some(E::Bookmark(_)) => {
@@ -279,6 +302,11 @@ fn handle_event(shared: &Shared, ev: pb::WatchEvent, snapshot: &mut Option<Vec<p
             if revision > s.revision {
                 s.revision = revision;
                 s.dirty = true;
+            }
+            let now_current = s.check_current();
+            drop(s);
+            if now_current {
+                caught_up(shared);
             }
         }
         None => {}

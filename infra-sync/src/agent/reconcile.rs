@@ -161,10 +161,15 @@ impl Reconciler {
 
     /// One reconcile pass over a snapshot of the desired state.
     pub async fn pass(&mut self) {
-        let (objects, known) = {
+        let (objects, known, current) = {
             let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            (s.objects.clone(), s.known)
+            (s.objects.clone(), s.known, s.current)
         };
+        if !current {
+            // Not caught up with the broker yet: the dataplane stays as it is.
+            tracing::debug!("waiting for the broker's current state before touching the dataplane");
+            return;
+        }
         // Removals first, in reverse dependency order; a uid change is a delete and a create.
         let mut gone: Vec<ObjKey> = self
             .applied
@@ -219,10 +224,17 @@ impl Reconciler {
                 let connecting = pb::NetdevStatus { phase: "Connecting".into(), ..Default::default() };
                 self.book.set(key, obj.generation, Body::Netdev(connecting));
             }
+            let netdev = key.kind == ObjKind::Netdev;
+            if netdev {
+                xpu_sync_common::failpoint::hit("netdev.program.before");
+            }
             let result = match &desired {
                 Ok(d) => self.dataplane.apply(d).await,
                 Err(e) => Err(e.clone()),
             };
+            if netdev {
+                xpu_sync_common::failpoint::hit("netdev.program.after");
+            }
             let attempts = current.filter(|a| !a.ok && a.generation == obj.generation).map_or(0, |a| a.attempts) + 1;
             let ok = result.is_ok();
             match &result {
@@ -253,7 +265,15 @@ impl Reconciler {
     }
 
     async fn remove(&mut self, key: &ObjKey, last: Option<&Desired>, ack: bool) {
-        match self.dataplane.remove(key, last).await {
+        let netdev = key.kind == ObjKind::Netdev;
+        if netdev {
+            xpu_sync_common::failpoint::hit("netdev.remove.before");
+        }
+        let removed = self.dataplane.remove(key, last).await;
+        if netdev {
+            xpu_sync_common::failpoint::hit("netdev.remove.after");
+        }
+        match removed {
             Ok(()) => {
                 tracing::info!(object = %key, "removed");
                 self.applied.remove(key);

@@ -148,10 +148,17 @@ pub async fn flush_loop(
             continue;
         }
         let reports = batch.iter().map(|(_, r)| r.clone()).collect();
+        let netdevs = batch.iter().any(|(k, _)| k.kind == crate::dataplane::ObjKind::Netdev);
+        if netdevs {
+            xpu_sync_common::failpoint::hit("netdev.report.before");
+        }
         match client.report_status(super::unary(pb::ReportStatusRequest { serial: serial.to_string(), reports })).await
         {
             Ok(resp) => {
                 tracing::debug!(reports = batch.len(), "statuses reported");
+                if netdevs {
+                    xpu_sync_common::failpoint::hit("netdev.report.after");
+                }
                 book.settle(&batch, &resp.into_inner().results);
             }
             Err(e) => {

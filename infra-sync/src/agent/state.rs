@@ -40,7 +40,25 @@ pub struct DesiredState {
     /// False until a state file was loaded or a snapshot received: until then, what the
     /// dataplane holds beyond `objects` may still be wanted, so nothing is treated as an orphan.
     pub known: bool,
+    /// True once this process saw the broker's current state (a snapshot, or a replay up to the
+    /// revision the broker had at registration). A persisted state may lag the dataplane (the
+    /// last changes were programmed but not yet saved when the process died): acting on it
+    /// would remove live ports and re-create deleted ones, so nothing is touched until then.
+    pub current: bool,
+    /// The broker's revision at the last registration: reaching it makes the state current.
+    pub catch_up_to: i64,
     pub dirty: bool,
+}
+
+impl DesiredState {
+    /// Marks the state current once it reached the registration revision; true if it just did.
+    pub fn check_current(&mut self) -> bool {
+        if !self.current && self.known && self.revision >= self.catch_up_to {
+            self.current = true;
+            return true;
+        }
+        false
+    }
 }
 
 /// The key, uid, generation and labels of a resource from the broker.
@@ -96,7 +114,14 @@ impl StateFile {
             p.serial
         );
         let objects = p.objects.into_iter().filter_map(|o| identify(&o.resource).map(|(k, _)| (k, o))).collect();
-        Ok(Some(DesiredState { revision: p.revision, objects, known: true, dirty: false }))
+        Ok(Some(DesiredState {
+            revision: p.revision,
+            objects,
+            known: true,
+            current: false,
+            catch_up_to: i64::MAX,
+            dirty: false,
+        }))
     }
 
     pub fn save(&self, serial: &str, state: &DesiredState) -> std::io::Result<()> {
