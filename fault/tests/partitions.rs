@@ -135,6 +135,9 @@ async fn a_cut_off_agent_keeps_its_dataplane_and_resumes(pool: PgPool) {
     report(SCENARIO, "converged_after_heal_ms", converged.as_millis());
 }
 
+/// (revision, when a watcher received it).
+type Deliveries = Vec<(i64, Instant)>;
+
 /// A watcher that stops reading (behind a slow link, too) is cut off and told where to resume,
 /// while the others keep up with the write burst. The objects are large enough that the burst
 /// overflows the HTTP/2 window and the stream's queue.
@@ -151,7 +154,7 @@ async fn a_slow_consumer_is_cut_off_without_slowing_the_others(pool: PgPool) {
     slow_link.set(Mode::Delay(Duration::from_millis(250)));
 
     // Each fast watcher records when it saw each revision.
-    let seen: Arc<Mutex<Vec<Vec<(i64, Instant)>>>> = Arc::new(Mutex::new(vec![Vec::new(); FAST]));
+    let seen: Arc<Mutex<Vec<Deliveries>>> = Arc::new(Mutex::new(vec![Vec::new(); FAST]));
     let mut fast = Vec::new();
     for w in 0..FAST {
         let mut client = AdminServiceClient::new(pki.channel(broker.grpc, "admin/fast").await);
