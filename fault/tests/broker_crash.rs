@@ -70,8 +70,10 @@ async fn acknowledged_writes_survive_sigkill_and_everyone_resumes(pool: PgPool) 
     // Spec writer: bridges created, then updated; acknowledged generations recorded.
     let acked_writes: Arc<Mutex<BTreeMap<String, i64>>> = Arc::default();
     let write_errors = Arc::new(AtomicU64::new(0));
+    let acked_total = Arc::new(AtomicU64::new(0));
     let writer = {
         let (stop, acked, errors) = (Arc::clone(&stop), Arc::clone(&acked_writes), Arc::clone(&write_errors));
+        let total = Arc::clone(&acked_total);
         let mut admin = admin.clone();
         tokio::spawn(async move {
             let mut i = 0u32;
@@ -82,6 +84,7 @@ async fn acknowledged_writes_survive_sigkill_and_everyone_resumes(pool: PgPool) 
                         let generation =
                             r.into_inner().object.as_ref().and_then(meta_of).map_or(0, |(_, m)| m.generation);
                         acked.lock().unwrap().insert(name, generation);
+                        total.fetch_add(1, Ordering::Relaxed);
                         i += 1;
                     }
                     Err(_) => {
@@ -189,7 +192,8 @@ async fn acknowledged_writes_survive_sigkill_and_everyone_resumes(pool: PgPool) 
 
     let max_down = downtimes.iter().max().unwrap();
     report(SCENARIO, "crashes", kills);
-    report(SCENARIO, "acknowledged_spec_writes", acked_writes.len());
+    report(SCENARIO, "acknowledged_spec_writes", acked_total.load(Ordering::Relaxed));
+    report(SCENARIO, "objects_checked", acked_writes.len() + acked_attaches.len());
     report(SCENARIO, "acknowledged_attaches", acked_attaches.len());
     report(
         SCENARIO,
