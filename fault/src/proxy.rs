@@ -149,6 +149,11 @@ where
             break;
         }
     }
+    if *mode.borrow() == Mode::Blackhole {
+        // A partition does not carry the FIN either: the far end keeps a half-open connection
+        // until its own keepalive (or a reset) ends it.
+        std::future::pending::<()>().await;
+    }
     let _ = to.shutdown().await;
 }
 
