@@ -161,6 +161,12 @@ struct ServeArgs {
     /// Largest spec or status accepted (bytes of JSON).
     #[arg(long, env = "XPU_MAX_OBJECT_BYTES", default_value_t = 64 * 1024)]
     max_object_bytes: usize,
+    /// HTTP/2 keepalive pings to clients; a client that does not answer within
+    /// --keepalive-timeout is dropped (a half-open connection).
+    #[arg(long, env = "XPU_KEEPALIVE_INTERVAL", default_value = "20s", value_parser = parse_duration)]
+    keepalive_interval: Duration,
+    #[arg(long, env = "XPU_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    keepalive_timeout: Duration,
     /// Largest gRPC message accepted.
     #[arg(long, env = "XPU_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     max_message_bytes: usize,
@@ -297,6 +303,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         stream_buffer,
         max_object_bytes,
         max_message_bytes,
+        keepalive_interval,
+        keepalive_timeout,
         replica,
         token_key,
         anonymous_read,
@@ -338,6 +346,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.store.max_batch = max_batch;
     config.stream_buffer = stream_buffer;
     config.max_message_bytes = max_message_bytes;
+    config.keepalive_interval = keepalive_interval;
+    config.keepalive_timeout = keepalive_timeout;
     if let Some(r) = replica {
         config.store.replica = r;
     }
