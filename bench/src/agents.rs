@@ -188,6 +188,8 @@ pub struct Fleet {
     pub resync_initial: AtomicU64,
     pub snapshots_done: AtomicU64,
     pub stream_errors: AtomicU64,
+    /// Streams re-opened after the broker ended them.
+    pub stream_retries: AtomicU64,
     pub first_error: Mutex<Option<String>>,
     pub report_calls: AtomicU64,
     pub reports_accepted: AtomicU64,
@@ -207,6 +209,7 @@ impl Fleet {
             resync_initial: AtomicU64::new(0),
             snapshots_done: AtomicU64::new(0),
             stream_errors: AtomicU64::new(0),
+            stream_retries: AtomicU64::new(0),
             first_error: Mutex::new(None),
             report_calls: AtomicU64::new(0),
             reports_accepted: AtomicU64::new(0),
@@ -239,7 +242,6 @@ pub struct AgentState {
     /// When `revision` first reached `target` (ns since `epoch`), for convergence timing.
     pub target: AtomicI64,
     pub reached_ns: AtomicU64,
-    pub ended: AtomicBool,
     /// From the broker's Register answer.
     pub heartbeat_ms: AtomicU64,
 }
@@ -293,35 +295,48 @@ impl DpuAgent {
         Ok(resp.current_revision)
     }
 
-    /// Opens `WatchDesired` from `since` and follows it in a task; also starts the status
-    /// reporter, which sends at most one `ReportStatus` per flush interval.
+    /// Opens `WatchDesired` from `since` and follows it in a task (re-opening it from the last
+    /// revision applied, with backoff, when the broker ends it, as a real agent does); also starts
+    /// the status reporter, which sends at most one `ReportStatus` per flush interval, and the
+    /// heartbeats.
     pub async fn watch(&mut self, since: i64, fleet: &Arc<Fleet>, epoch: Instant) -> anyhow::Result<()> {
         let mut c = self.client()?;
-        self.state.ended.store(false, Ordering::Release);
-        let mut stream = c
-            .watch_desired(pb::WatchDesiredRequest { serial: self.serial.clone(), since_revision: since })
-            .await
-            .with_context(|| format!("WatchDesired of {}", self.serial))?
-            .into_inner();
+        let first = open_watch(&mut c, &self.serial, since).await?;
         let (tx, rx) = mpsc::unbounded_channel::<pb::StatusReport>();
         let reporter = tokio::spawn(report_loop(c.clone(), self.serial.clone(), rx, Arc::clone(fleet)));
         let heartbeats =
-            tokio::spawn(heartbeat_loop(c, self.serial.clone(), Arc::clone(&self.state), Arc::clone(fleet)));
+            tokio::spawn(heartbeat_loop(c.clone(), self.serial.clone(), Arc::clone(&self.state), Arc::clone(fleet)));
         let state = Arc::clone(&self.state);
         let fleet = Arc::clone(fleet);
+        let serial = self.serial.clone();
         let reader = tokio::spawn(async move {
+            let mut stream = first;
             loop {
-                match stream.message().await {
-                    Ok(Some(ev)) => on_event(ev, &state, &fleet, &tx, epoch),
-                    Ok(None) => break,
-                    Err(status) => {
-                        fleet.stream_errors.fetch_add(1, Ordering::Relaxed);
-                        fleet.error(format!("WatchDesired: {}: {}", status.code(), status.message()));
-                        break;
+                loop {
+                    match stream.message().await {
+                        Ok(Some(ev)) => on_event(ev, &state, &fleet, &tx, epoch),
+                        Ok(None) => break,
+                        Err(status) => {
+                            fleet.stream_errors.fetch_add(1, Ordering::Relaxed);
+                            fleet.error(format!("WatchDesired: {}: {}", status.code(), status.message()));
+                            break;
+                        }
                     }
                 }
+                let mut backoff = Duration::from_millis(100);
+                stream = loop {
+                    tokio::time::sleep(backoff + Duration::from_millis(rand::random_range(0..100))).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    let since = state.revision.load(Ordering::Acquire);
+                    match open_watch(&mut c, &serial, since).await {
+                        Ok(s) => {
+                            fleet.stream_retries.fetch_add(1, Ordering::Relaxed);
+                            break s;
+                        }
+                        Err(e) => fleet.error(format!("re-opening WatchDesired: {e:#}")),
+                    }
+                };
             }
-            state.ended.store(true, Ordering::Release);
         });
         self.tasks = vec![reader, reporter, heartbeats];
         Ok(())
@@ -348,6 +363,17 @@ impl Drop for DpuAgent {
     fn drop(&mut self) {
         self.disconnect();
     }
+}
+
+async fn open_watch(
+    c: &mut AgentServiceClient<Channel>,
+    serial: &str,
+    since: i64,
+) -> anyhow::Result<tonic::Streaming<pb::WatchEvent>> {
+    Ok(c.watch_desired(pb::WatchDesiredRequest { serial: serial.to_string(), since_revision: since })
+        .await
+        .with_context(|| format!("WatchDesired of {serial}"))?
+        .into_inner())
 }
 
 fn on_event(

@@ -89,6 +89,52 @@ impl Metrics {
     pub fn get(&self, name: &str) -> f64 {
         self.0.get(name).copied().unwrap_or(0.0)
     }
+
+    /// A metric summed over its labels (`name` and `name{...}`).
+    pub fn sum(&self, name: &str) -> f64 {
+        let labelled = format!("{name}{{");
+        self.0.iter().filter(|(k, _)| *k == name || k.starts_with(&labelled)).map(|(_, v)| v).sum()
+    }
+}
+
+/// Cumulative counters of the database (pg_stat_database): transactions, rows scanned, rows
+/// fetched by index, rows written.
+pub async fn pg_counters(db_url: &str) -> Option<[f64; 4]> {
+    let mut conn = PgConnection::connect(db_url).await.ok()?;
+    let row: (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT xact_commit, tup_returned, tup_fetched, tup_inserted + tup_updated + tup_deleted \
+         FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .ok()?;
+    let _ = conn.close().await;
+    Some([row.0 as f64, row.1 as f64, row.2 as f64, row.3 as f64])
+}
+
+/// Tables of the database with the most rows read by sequential scans (a missing index shows
+/// here), as `table: seq scans / rows read by them / index scans`.
+pub async fn seq_scans(db_url: &str) -> Vec<String> {
+    let Ok(mut conn) = PgConnection::connect(db_url).await else { return vec![] };
+    let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT relname::text, seq_scan, seq_tup_read, COALESCE(idx_scan, 0) FROM pg_stat_user_tables \
+         WHERE seq_tup_read > 0 ORDER BY seq_tup_read DESC LIMIT 5",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap_or_default();
+    let mut out: Vec<String> =
+        rows.into_iter().map(|(t, s, r, i)| format!("{t}: {s} seq scans reading {r} rows, {i} index scans")).collect();
+    let idx: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT indexrelname::text, idx_scan, idx_tup_read FROM pg_stat_user_indexes \
+         WHERE idx_tup_read > 0 ORDER BY idx_tup_read DESC LIMIT 3",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap_or_default();
+    out.extend(idx.into_iter().map(|(i, s, r)| format!("index {i}: {s} scans reading {r} entries")));
+    let _ = conn.close().await;
+    out
 }
 
 pub struct BrokerProc {
@@ -97,6 +143,7 @@ pub struct BrokerProc {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub db: String,
+    pub db_url: String,
     admin_url: String,
     pub log: PathBuf,
 }
@@ -147,7 +194,16 @@ impl BrokerProc {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(BrokerProc { child: Some(child), pid, grpc, http, db: db.to_string(), admin_url: admin_url.into(), log })
+        Ok(BrokerProc {
+            child: Some(child),
+            pid,
+            grpc,
+            http,
+            db: db.to_string(),
+            db_url,
+            admin_url: admin_url.into(),
+            log,
+        })
     }
 
     pub async fn metrics(&self) -> Metrics {

@@ -69,6 +69,10 @@ pub struct Args {
     /// Log filter of the spawned broker (its log goes to a file in the bench's temporary directory).
     #[arg(long, default_value = "warn")]
     pub broker_log: String,
+    /// Profile the server (broker, etcd, echo) during each phase with `perf record` and print where
+    /// its CPU went (TLS, HTTP/2, protobuf, JSON, Postgres client, runtime, broker code, kernel).
+    #[arg(long)]
+    pub perf: bool,
     #[command(subcommand)]
     pub internal: Option<Internal>,
 }

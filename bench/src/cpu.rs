@@ -34,8 +34,18 @@ fn postgres_ticks() -> HashMap<u32, u64> {
     out
 }
 
+/// Busy ticks of the whole machine (all but idle and iowait), from `/proc/stat`.
+fn machine_busy_ticks() -> u64 {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().next() else { return 0 };
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal
+    [0usize, 1, 2, 5, 6, 7].iter().filter_map(|i| v.get(*i)).sum()
+}
+
 pub struct CpuSnap {
     at: Instant,
+    machine: u64,
     target: Option<(u32, u64)>,
     postgres: HashMap<u32, u64>,
     me: u64,
@@ -47,6 +57,9 @@ pub struct CpuUse {
     pub server_pct: f64,
     pub postgres_pct: f64,
     pub bench_pct: f64,
+    /// Everything else on the machine (other users' builds and tests): measurements taken while
+    /// this is high are disturbed.
+    pub other_pct: f64,
 }
 
 impl CpuSnap {
@@ -54,6 +67,7 @@ impl CpuSnap {
     pub fn take(server: Option<u32>) -> CpuSnap {
         CpuSnap {
             at: Instant::now(),
+            machine: machine_busy_ticks(),
             target: server.and_then(|p| proc_ticks(p).map(|t| (p, t))),
             postgres: postgres_ticks(),
             me: proc_ticks(std::process::id()).unwrap_or(0),
@@ -70,7 +84,9 @@ impl CpuSnap {
             .map(|(p, t)| t.saturating_sub(self.postgres.get(&p).copied().unwrap_or(0)))
             .sum();
         let me = proc_ticks(std::process::id()).unwrap_or(0).saturating_sub(self.me);
-        CpuUse { server_pct: pct(server), postgres_pct: pct(pg), bench_pct: pct(me) }
+        let machine = machine_busy_ticks().saturating_sub(self.machine);
+        let other = (pct(machine) - pct(server) - pct(pg) - pct(me)).max(0.0);
+        CpuUse { server_pct: pct(server), postgres_pct: pct(pg), bench_pct: pct(me), other_pct: other }
     }
 }
 

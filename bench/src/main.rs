@@ -9,6 +9,7 @@ mod cpu;
 mod echo;
 mod etcd;
 mod fixtures;
+mod perf;
 mod pki;
 mod report;
 mod run;

@@ -114,6 +114,10 @@ fn find_broker(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
     Ok(built)
 }
 
+fn env_quick(a: &Args) -> bool {
+    a.quick
+}
+
 #[derive(Serialize)]
 pub struct Machine {
     pub cores: usize,
@@ -194,6 +198,10 @@ async fn run(args: Args, nofile: u64) -> anyhow::Result<ExitCode> {
     let dir = tmp.path().to_path_buf();
     let pki = Pki::new(&dir)?;
     let broker_bin = find_broker(args.broker_bin.as_deref())?;
+    scenarios::QUICK.store(env_quick(&args), std::sync::atomic::Ordering::Relaxed);
+    if args.perf {
+        crate::perf::enable(dir.clone());
+    }
     eprintln!("broker: {}; work dir {}", broker_bin.display(), dir.display());
     let env = Env {
         params,

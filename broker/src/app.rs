@@ -104,6 +104,8 @@ impl App {
         let tls = ReloadingConfig::load(config.tls.clone()).context("loading TLS certificates")?;
         let mut store_config = config.store.clone();
         store_config.lease_duration = config.service.lease_duration;
+        // Leave most connections to the writer and to reads.
+        store_config.max_snapshots = (config.max_db_connections as usize / 4).max(1);
         // Commits waiting for the fan-out; the writer waits when it is full.
         let (committed_tx, committed_rx) = mpsc::channel(1024);
         let store = Store::start(backend.clone(), store_config, committed_tx);

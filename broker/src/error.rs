@@ -9,6 +9,11 @@ use tonic::Code;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Longest message a client is sent. A refusal may quote the value it refuses, which can be as
+/// large as a request; gRPC carries the message in a trailer, and an HTTP/2 client drops the
+/// whole connection (GOAWAY) rather than read a header block of hundreds of KiB.
+pub const MAX_CLIENT_MESSAGE_BYTES: usize = 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid {field}: {reason}")]
@@ -109,9 +114,24 @@ impl Error {
                 tracing::error!(error = %cause, "internal error");
                 "internal error".to_string()
             }
-            other => other.to_string(),
+            other => truncate(other.to_string(), MAX_CLIENT_MESSAGE_BYTES),
         }
     }
+}
+
+/// Cuts `s` to at most `max` bytes (on a character boundary), marking the cut.
+fn truncate(mut s: String, max: usize) -> String {
+    const MARK: &str = "… (truncated)";
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max - MARK.len();
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push_str(MARK);
+    s
 }
 
 impl From<sqlx::Error> for Error {
@@ -160,5 +180,15 @@ mod tests {
         assert_eq!(status.code(), Code::InvalidArgument);
         assert_eq!(status.message(), "invalid spec.macAddress: not a MAC: \"zz\"");
         assert_eq!(Error::invalid("a", "b").http_status(), http::StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn long_messages_are_cut_on_a_character_boundary() {
+        let err = Error::invalid("metadata.labels[\"k\"]", format!("label value {:?} is bad", "é".repeat(100_000)));
+        let msg = tonic::Status::from(err).message().to_string();
+        assert!(msg.len() <= MAX_CLIENT_MESSAGE_BYTES, "{}", msg.len());
+        assert!(msg.starts_with("invalid metadata.labels[\"k\"]: label value \"éé"), "{msg}");
+        assert!(msg.ends_with("… (truncated)"), "{msg}");
+        assert_eq!(Error::invalid("a", "short").client_message(), "invalid a: short");
     }
 }

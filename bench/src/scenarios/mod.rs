@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 use xpu_proto::broker::v1::admin_service_client::AdminServiceClient;
 
 use crate::{
-    broker_proc::{BrokerProc, Metrics},
+    broker_proc::{self, BrokerProc, Metrics},
     cpu::CpuSnap,
     fixtures,
     report::{PhaseUse, ScenarioReport},
@@ -47,17 +47,25 @@ where
         }
     }
     rep.server_memory = broker.memory();
+    for s in broker_proc::seq_scans(&broker.db_url).await {
+        rep.notes.push(format!("postgres reads: {s}"));
+    }
     let keep = env.keep_for.is_some_and(|k| k == rep.name);
     if let Err(e) = broker.stop(keep).await {
         rep.notes.push(format!("stopping the broker: {e:#}"));
     }
 }
 
+/// Set for `--quick` runs: phases skip waiting for Postgres's statistics.
+pub static QUICK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Measures one phase: CPU of the server, Postgres and the bench, and the broker's commits.
 pub struct PhaseMeter {
     name: String,
     cpu: CpuSnap,
     metrics: Option<Metrics>,
+    pg: Option<[f64; 4]>,
+    perf: Option<crate::perf::Recording>,
     at: Instant,
 }
 
@@ -67,13 +75,22 @@ impl PhaseMeter {
             Some(b) => Some(b.metrics().await),
             None => None,
         };
+        let pg = match broker {
+            Some(b) => broker_proc::pg_counters(&b.db_url).await,
+            None => None,
+        };
         let pid = server_pid.or(broker.map(|b| b.pid));
-        PhaseMeter { name: name.into(), cpu: CpuSnap::take(pid), metrics, at: Instant::now() }
+        let perf = pid.and_then(crate::perf::start);
+        PhaseMeter { name: name.into(), cpu: CpuSnap::take(pid), metrics, pg, perf, at: Instant::now() }
     }
 
     pub async fn finish(self, broker: Option<&BrokerProc>) -> PhaseUse {
         let cpu = self.cpu.since();
         let wall = self.at.elapsed().as_secs_f64().max(1e-9);
+        let profile = match self.perf {
+            Some(r) => r.finish().await,
+            None => None,
+        };
         let mut p = PhaseUse {
             phase: self.name,
             cpu,
@@ -81,6 +98,8 @@ impl PhaseMeter {
             requests_per_commit: None,
             mean_commit_ms: None,
             writer_busy_pct: None,
+            pg: None,
+            profile,
         };
         if let (Some(b), Some(before)) = (broker, self.metrics) {
             let after = b.metrics().await;
@@ -94,6 +113,18 @@ impl PhaseMeter {
                 p.mean_commit_ms = Some(commit_secs / commits * 1000.0);
             }
             p.writer_busy_pct = Some(commit_secs / wall * 100.0);
+            // Postgres publishes a backend's counters about once a second (not waited for in --quick).
+            if !QUICK.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+            }
+            if let (Some(a), Some(b)) = (broker_proc::pg_counters(&b.db_url).await, self.pg) {
+                p.pg = Some(crate::report::PgUse {
+                    transactions: a[0] - b[0],
+                    rows_returned: a[1] - b[1],
+                    rows_fetched: a[2] - b[2],
+                    rows_written: a[3] - b[3],
+                });
+            }
         }
         p
     }

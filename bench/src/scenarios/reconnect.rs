@@ -71,7 +71,7 @@ async fn body(env: &Env, broker: &BrokerProc, rep: &mut ScenarioReport) -> anyho
         "while away: {n} netdevs created in {secs:.1}s, then the fabric object changed at revision {head}"
     ));
     let m = broker.metrics().await;
-    rep.notes.push(format!("streams open on the broker before the storm: {}", m.get("xpu_streams_active")));
+    rep.notes.push(format!("streams open on the broker before the storm: {}", m.sum("xpu_streams_active")));
 
     for a in &agents {
         a.state.target.store(head, Ordering::Release);
@@ -85,12 +85,30 @@ async fn body(env: &Env, broker: &BrokerProc, rep: &mut ScenarioReport) -> anyho
     let results: Vec<anyhow::Result<(u32, Duration)>> = futures::stream::iter(agents.iter_mut().map(|a| {
         let fleet = &fleet;
         async move {
+            // Like a real agent: the whole sequence is retried with backoff until it succeeds.
             let since = a.revision();
-            let retries = a.connect(broker.grpc, &env.pki, 20).await?;
-            let connected = storm.elapsed();
-            a.register().await?;
-            a.watch(since, fleet, env.epoch).await?;
-            Ok((retries, connected))
+            let mut retries = 0;
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let attempt = async {
+                    let n = a.connect(broker.grpc, &env.pki, 1).await?;
+                    let connected = storm.elapsed();
+                    a.register().await?;
+                    a.watch(since, fleet, env.epoch).await?;
+                    anyhow::Ok((n, connected))
+                }
+                .await;
+                match attempt {
+                    Ok((n, connected)) => return Ok((retries + n, connected)),
+                    Err(e) if retries >= 30 => return Err(e),
+                    Err(_) => {
+                        retries += 1;
+                        a.disconnect();
+                        tokio::time::sleep(backoff + Duration::from_millis(rand::random_range(0..100))).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
         }
     }))
     .buffer_unordered(usize::MAX)

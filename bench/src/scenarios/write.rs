@@ -239,6 +239,13 @@ async fn status_phase(env: &Env, broker: &BrokerProc, rep: &mut ScenarioReport) 
                 failed.load(Ordering::Relaxed)
             )),
     );
+    let c = calls.load(Ordering::Relaxed);
+    rep.push(
+        Row::new("write.status_calls", "  ReportStatus calls")
+            .count(c)
+            .rate(per_sec(c, elapsed))
+            .note(format!("{per_agent} reports per call, one call in flight per agent")),
+    );
     if let Some(e) = first_error.lock().ok().and_then(|f| f.clone()) {
         rep.notes.push(format!("first status write error: {e}"));
     }

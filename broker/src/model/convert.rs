@@ -54,7 +54,9 @@ pub fn input(key: Key, labels: Labels, spec: Spec, limits: &Limits) -> Result<Ob
         Spec::XpuNetwork(s) => validate::xpu_network_spec(s, limits)?,
         Spec::FlowPolicy(s) => validate::flow_policy_spec(s, limits)?,
     }
-    let json_len = serde_json::to_vec(&spec.to_json()?).map(|v| v.len()).unwrap_or(usize::MAX);
+    let json = spec.to_json()?;
+    validate::json_text(&json, "spec")?;
+    let json_len = serde_json::to_vec(&json).map(|v| v.len()).unwrap_or(usize::MAX);
     validate::size(json_len, "spec", limits)?;
     Ok(ObjectInput { key, labels, spec })
 }

@@ -171,7 +171,8 @@ pub fn parse_mac(value: &str) -> Option<[u8; 6]> {
     }
     let mut out = [0u8; 6];
     for (slot, part) in out.iter_mut().zip(parts) {
-        if part.len() != 2 {
+        // Hex digits only: `from_str_radix` alone would take a sign ("+a").
+        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         *slot = u8::from_str_radix(part, 16).ok()?;
@@ -439,6 +440,30 @@ pub fn flow_policy_spec(spec: &pb::FlowPolicySpec, limits: &Limits) -> Result<()
     Ok(())
 }
 
+/// Free text the store must keep: no NUL character (Postgres text and jsonb cannot hold one).
+pub fn text(value: &str, field: &str) -> Result<()> {
+    if value.contains('\0') {
+        return Err(Error::invalid(field, "contains a NUL character"));
+    }
+    Ok(())
+}
+
+/// [`text`] for every string of a JSON body (object keys included), naming the first offender
+/// by its path, e.g. `spec.podRef.uid`.
+pub fn json_text(value: &serde_json::Value, field: &str) -> Result<()> {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => text(s, field),
+        Value::Array(items) => items.iter().enumerate().try_for_each(|(i, v)| json_text(v, &format!("{field}[{i}]"))),
+        Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+            let field = format!("{field}.{k}");
+            text(k, &field)?;
+            json_text(v, &field)
+        }),
+        Value::Null | Value::Bool(_) | Value::Number(_) => Ok(()),
+    }
+}
+
 /// Checks a JSON body against the configured size cap.
 pub fn size(json_len: usize, field: &str, limits: &Limits) -> Result<()> {
     if json_len > limits.max_object_bytes {
@@ -501,12 +526,22 @@ mod tests {
     }
 
     #[test]
+    fn text_without_nul() {
+        assert!(text("any ünïcode \u{7f}", "f").is_ok());
+        assert_eq!(field_of(text("a\0b", "spec.podRef.uid")), "spec.podRef.uid");
+        let body = serde_json::json!({"podRef": {"uid": "x"}, "components": [{"details": "ok"}, {"details": "a\0"}]});
+        assert_eq!(field_of(json_text(&body, "status")), "status.components[1].details");
+        assert!(json_text(&serde_json::json!({"a": ["b", 1, null]}), "spec").is_ok());
+    }
+
+    #[test]
     fn macs_and_addresses() {
         assert_eq!(mac("AA-BB-CC-00-00-01", "m").unwrap(), "aa:bb:cc:00:00:01");
         assert!(mac("01:00:5e:00:00:01", "m").is_err());
         assert!(mac("00:00:00:00:00:00", "m").is_err());
         assert!(mac("zz:bb:cc:00:00:01", "m").is_err());
         assert!(mac("aa:bb:cc:00:00", "m").is_err());
+        assert!(mac("+a:bb:cc:00:00:01", "m").is_err(), "a sign is not a hex digit");
         assert!(cidr("10.0.0.5/24", "c").is_ok());
         assert!(prefix("10.0.0.5/24", "c").is_err());
         assert!(prefix("10.0.0.0/24", "c").is_ok());

@@ -3,7 +3,10 @@
 
 use axum::{
     Json,
-    extract::{Path, Query, State, rejection::QueryRejection},
+    extract::{
+        Path, Query, State,
+        rejection::{PathRejection, QueryRejection},
+    },
     http::StatusCode,
     response::{IntoResponse, Response},
 };
@@ -54,6 +57,11 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 /// Query strings that do not parse are the caller's mistake, reported like any other.
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     q.map(|Query(v)| v).map_err(|e| ApiError(Error::invalid("query", e.body_text())))
+}
+
+/// So are path segments that do not decode (percent-escapes of bytes that are not UTF-8).
+fn path(p: Result<Path<String>, PathRejection>, field: &str) -> Result<String, ApiError> {
+    p.map(|Path(v)| v).map_err(|e| ApiError(Error::invalid(field, e.body_text())))
 }
 
 #[derive(OpenApi)]
@@ -139,8 +147,8 @@ async fn dpus(State(s): State<RestState>, q: Result<Query<PageQuery>, QueryRejec
 /// One DPU.
 #[utoipa::path(get, path = "/api/v1/dpus/{serial}", tag = "dpus", params(("serial" = String, Path)),
     responses((status = 200, body = status::Dpu), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)))]
-async fn dpu(State(s): State<RestState>, Path(serial): Path<String>) -> ApiResult<status::Dpu> {
-    Ok(Json(status::dpu(&s.ctx, &serial).await?))
+async fn dpu(State(s): State<RestState>, serial: Result<Path<String>, PathRejection>) -> ApiResult<status::Dpu> {
+    Ok(Json(status::dpu(&s.ctx, &path(serial, "serial")?).await?))
 }
 
 /// Cluster syncers streaming from the replica that answers.
@@ -194,10 +202,10 @@ pub struct HistoryQuery {
         (status = 401, body = ErrorBody)))]
 async fn netdev(
     State(s): State<RestState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     q: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> ApiResult<status::NetdevDetail> {
-    Ok(Json(status::netdev(&s.ctx, &id, query(q)?.history_limit).await?))
+    Ok(Json(status::netdev(&s.ctx, &path(id, "id")?, query(q)?.history_limit).await?))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

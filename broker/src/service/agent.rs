@@ -31,7 +31,7 @@ fn short_text(value: &str, field: &str) -> Result<()> {
     if value.len() > 256 {
         return Err(Error::invalid(field, "is longer than 256 characters"));
     }
-    Ok(())
+    validate::text(value, field)
 }
 
 pub async fn register(ctx: &Context, id: &Identity, req: pb::RegisterRequest) -> Result<pb::RegisterResponse> {
@@ -172,6 +172,7 @@ pub async fn report_status(
         }
         let body = status_body(r, key.kind, &format!("{field}.status"))?;
         if let Some(b) = &body {
+            validate::json_text(b, &format!("{field}.status"))?;
             let len = serde_json::to_vec(b).map(|v| v.len()).unwrap_or(usize::MAX);
             validate::size(len, &format!("{field}.status"), limits)?;
         }

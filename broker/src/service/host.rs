@@ -12,10 +12,10 @@ use crate::{
     identity::Identity,
     model::{
         Key, Kind, Labels,
-        convert::{input, resource_from_stored},
+        convert::{input, resource_from_stored, timestamp},
         event::ChangeKind,
         object::{Spec, StoredObject},
-        validate,
+        serial_of_author, validate,
     },
     store::rows::{ApplyRequest, DeleteRequest},
 };
@@ -96,10 +96,9 @@ pub async fn attach(ctx: &Context, id: &Identity, req: pb::AttachNetdevRequest) 
         .apply(ApplyRequest { input, expected_generation: 0, author: id.to_string(), node: Some(node.clone()) })
         .await?;
     let generation = outcome.object.generation;
+    // A changed spec has no status at its generation yet; an unchanged one may be done already.
+    let mut nd = if outcome.changed { netdev_of(&outcome.object)? } else { current(ctx, &key).await? };
     loop {
-        let obj =
-            ctx.store.get(&key).await?.ok_or_else(|| Error::Aborted(format!("{key} was deleted while attaching")))?;
-        let nd = netdev_of(&obj)?;
         let phase = match progress(&nd, generation) {
             Progress::Connected => return respond(ctx, nd).await,
             Progress::Failed(msg) => {
@@ -124,6 +123,18 @@ pub async fn attach(ctx: &Context, id: &Identity, req: pb::AttachNetdevRequest) 
                 Ok(Some(Item::Event(ev)))
                     if ev.change == ChangeKind::Status && ev.observed_generation >= generation =>
                 {
+                    // The DPU's report carries the status: no need to read it back.
+                    match (ev.body.as_ref(), serial_of_author(&ev.author)) {
+                        (Some(body), Some(serial)) => {
+                            let mut st: pb::NetdevStatus = serde_json::from_value(body.clone())
+                                .map_err(|e| Error::internal(format!("a Netdev status does not decode: {e}")))?;
+                            st.observed_generation = ev.observed_generation;
+                            st.dpu = serial.to_string();
+                            st.updated_at = timestamp(ev.at);
+                            nd.status = Some(st);
+                        }
+                        _ => nd = current(ctx, &key).await?,
+                    }
                     break;
                 }
                 Ok(Some(_)) => {}
@@ -135,6 +146,7 @@ pub async fn attach(ctx: &Context, id: &Identity, req: pb::AttachNetdevRequest) 
                     }
                     // Dropped by the fan-out (one key cannot fall behind, but be safe).
                     waiter = ctx.hub.subscribe(Filter::Key(key.clone()));
+                    nd = current(ctx, &key).await?;
                     break;
                 }
             }
@@ -142,10 +154,16 @@ pub async fn attach(ctx: &Context, id: &Identity, req: pb::AttachNetdevRequest) 
     }
 }
 
+/// The netdev as stored now.
+async fn current(ctx: &Context, key: &Key) -> Result<pb::Netdev> {
+    let obj = ctx.store.get(key).await?.ok_or_else(|| Error::Aborted(format!("{key} was deleted while attaching")))?;
+    netdev_of(&obj)
+}
+
 async fn respond(ctx: &Context, nd: pb::Netdev) -> Result<pb::AttachNetdevResponse> {
     let spec = nd.spec.clone().unwrap_or_default();
     let status = nd.status.clone().unwrap_or_default();
-    let network = ctx.store.get(&Key::cluster(Kind::XpuNetwork, &spec.network)).await?;
+    let network = ctx.store.get_spec(&Key::cluster(Kind::XpuNetwork, &spec.network)).await?;
     let routes = match network.as_ref().map(|n| n.typed_spec()).transpose()? {
         Some(Spec::XpuNetwork(n)) => n.routes,
         _ => vec![],

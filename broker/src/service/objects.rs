@@ -69,6 +69,10 @@ fn encode_token(revision: i64, ns: &str, name: &str) -> String {
 fn decode_token(token: &str) -> Result<(i64, String, String)> {
     let bad = || Error::invalid("continueToken", "is not a token this broker issued");
     let raw = String::from_utf8(hex::decode(token).map_err(|_| bad())?).map_err(|_| bad())?;
+    // No name holds a NUL, and the store could not even look one up.
+    if raw.contains('\0') {
+        return Err(bad());
+    }
     let mut parts = raw.splitn(3, '/');
     let rev = parts.next().and_then(|r| r.parse().ok()).ok_or_else(bad)?;
     let ns = parts.next().ok_or_else(bad)?.to_string();

@@ -31,6 +31,7 @@ use crate::{
         convert::{resource_from_stored, timestamp},
         event::{ChangeKind, Event},
         object::StoredObject,
+        validate,
     },
     store::rows::NetdevQuery,
 };
@@ -68,6 +69,16 @@ impl PageArgs {
         let text = String::from_utf8(bytes).map_err(|_| bad())?;
         let (ns, name) = text.split_once('\0').ok_or_else(bad)?;
         Ok(Some((ns.to_string(), name.to_string())))
+    }
+
+    /// [`after`](Self::after) for a page of one kind: no part may hold a NUL (only the
+    /// all-kinds fabric token nests one more), which no name has and the store cannot look up.
+    fn after_key(&self) -> Result<Option<(String, String)>> {
+        let after = self.after()?;
+        if after.as_ref().is_some_and(|(_, name)| name.contains('\0')) {
+            return Err(Error::invalid("continue", "not a token this API returned"));
+        }
+        Ok(after)
     }
 }
 
@@ -395,13 +406,14 @@ pub async fn fleet(ctx: &Context) -> Result<Fleet> {
 pub async fn dpus(ctx: &Context, page: &PageArgs) -> Result<DpuPage> {
     let limit = page.limit()?;
     let (head, _) = ctx.store.head().await?;
-    let objects = ctx.store.list(Kind::Dpu, None, &Labels::new(), page.after()?, limit).await?;
+    let objects = ctx.store.list(Kind::Dpu, None, &Labels::new(), page.after_key()?, limit).await?;
     let continue_token = continue_token(&objects, limit);
     let items = dpu_views(ctx, &objects, head).await?;
     Ok(DpuPage { items, continue_token, revision: head })
 }
 
 pub async fn dpu(ctx: &Context, serial: &str) -> Result<Dpu> {
+    validate::text(serial, "serial")?;
     let (head, _) = ctx.store.head().await?;
     let obj = ctx
         .store
@@ -522,6 +534,9 @@ pub fn netdev_query(
     namespace: Option<String>,
 ) -> Result<NetdevQuery> {
     let nonempty = |v: Option<String>| v.filter(|s| !s.is_empty());
+    for (value, field) in [(&dpu, "dpu"), (&node, "node"), (&namespace, "namespace")] {
+        validate::text(value.as_deref().unwrap_or_default(), field)?;
+    }
     let phase = nonempty(phase);
     if let Some(p) = &phase
         && !NETDEV_PHASES.contains(&p.as_str())
@@ -534,13 +549,14 @@ pub fn netdev_query(
 pub async fn netdevs(ctx: &Context, q: &NetdevQuery, page: &PageArgs) -> Result<NetdevPage> {
     let limit = page.limit()?;
     let (head, _) = ctx.store.head().await?;
-    let objects = ctx.store.list_netdevs(q, page.after()?, limit).await?;
+    let objects = ctx.store.list_netdevs(q, page.after_key()?, limit).await?;
     let continue_token = continue_token(&objects, limit);
     let items = objects.iter().map(netdev_view).collect::<Result<Vec<_>>>()?;
     Ok(NetdevPage { items, continue_token, revision: head })
 }
 
 pub async fn netdev(ctx: &Context, id: &str, history_limit: Option<usize>) -> Result<NetdevDetail> {
+    validate::text(id, "id")?;
     let limit = match history_limit {
         None => DEFAULT_HISTORY,
         Some(n) if (1..=MAX_HISTORY).contains(&n) => n,
@@ -681,7 +697,7 @@ pub async fn fabric(ctx: &Context, kind: Option<Kind>, page: &PageArgs) -> Resul
     let (head, _) = ctx.store.head().await?;
     // Without a kind the token is "<Kind>\0<namespace>\0<name>" across the four kinds.
     let (mut kinds, mut after): (Vec<Kind>, Option<(String, String)>) = match kind {
-        Some(k) => (vec![k], page.after()?),
+        Some(k) => (vec![k], page.after_key()?),
         None => match page.after()? {
             None => (FABRIC_KINDS.to_vec(), None),
             Some((k, rest)) => {
@@ -689,8 +705,10 @@ pub async fn fabric(ctx: &Context, kind: Option<Kind>, page: &PageArgs) -> Resul
                     .iter()
                     .position(|f| f.as_str() == k)
                     .ok_or_else(|| Error::invalid("continue", "not a token this API returned"))?;
-                let (ns, name) =
-                    rest.split_once('\0').ok_or_else(|| Error::invalid("continue", "not a token this API returned"))?;
+                let (ns, name) = rest
+                    .split_once('\0')
+                    .filter(|(_, name)| !name.contains('\0'))
+                    .ok_or_else(|| Error::invalid("continue", "not a token this API returned"))?;
                 (FABRIC_KINDS[at..].to_vec(), Some((ns.to_string(), name.to_string())))
             }
         },
@@ -747,7 +765,7 @@ fn fabric_view(obj: &StoredObject) -> Result<FabricObject> {
 pub async fn flow_policies(ctx: &Context, page: &PageArgs) -> Result<FlowPolicyPage> {
     let limit = page.limit()?;
     let (head, _) = ctx.store.head().await?;
-    let objects = ctx.store.list(Kind::FlowPolicy, None, &Labels::new(), page.after()?, limit).await?;
+    let objects = ctx.store.list(Kind::FlowPolicy, None, &Labels::new(), page.after_key()?, limit).await?;
     let continue_token = continue_token(&objects, limit);
     let mut items = Vec::with_capacity(objects.len());
     for obj in &objects {

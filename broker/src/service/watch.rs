@@ -34,6 +34,8 @@ pub enum Scope {
 /// that matters (and the one whose overflow cuts a slow client off).
 const OUT_BUFFER: usize = 64;
 const PAGE: usize = 500;
+/// Longest a snapshot waits for the client to take one message.
+const SNAPSHOT_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub fn open(ctx: &Context, who: &Identity, scope: Scope, since: i64) -> EventStream {
     let (tx, rx) = mpsc::channel(OUT_BUFFER);
@@ -252,7 +254,7 @@ impl Watch {
     /// Sends the whole current view, then `SnapshotEnd`; the stream continues after it.
     async fn snapshot(&mut self, reason: pb::resync::Reason) -> Result<(), Option<Error>> {
         let mut snap = self.ctx.store.snapshot().await.map_err(Some)?;
-        let (_, compacted) = self.ctx.store.head().await.map_err(Some)?;
+        let compacted = snap.compacted();
         let revision = snap.revision();
         let resync = pb::Resync { reason: reason as i32, compacted_revision: compacted };
         self.send(event(revision, pb::watch_event::Event::Resync(resync))).await.map_err(|_| None)?;
@@ -282,7 +284,20 @@ impl Watch {
                     strip_status(&mut object);
                 }
                 let change = pb::Change { r#type: pb::ChangeType::Snapshot as i32, object: Some(object) };
-                self.send(event(obj.revision, pb::watch_event::Event::Change(change))).await.map_err(|_| None)?;
+                // A snapshot holds a database connection: a client that stops reading gives it up.
+                match tokio::time::timeout(
+                    SNAPSHOT_SEND_TIMEOUT,
+                    self.send(event(obj.revision, pb::watch_event::Event::Change(change))),
+                )
+                .await
+                {
+                    Ok(sent) => sent.map_err(|_| None)?,
+                    Err(_) => {
+                        return Err(Some(Error::ResourceExhausted(
+                            "the snapshot was not read in time; reconnect to start it again".into(),
+                        )));
+                    }
+                }
             }
         }
         drop(snap);

@@ -49,6 +49,9 @@ pub struct StoreConfig {
     /// Longest a read or a write transaction may wait for the database before the caller gets
     /// UNAVAILABLE (a stalled connection must not hang requests).
     pub op_timeout: Duration,
+    /// Snapshots (initial syncs, resyncs) read at once; each holds a pooled connection, so this
+    /// stays well below the pool size.
+    pub max_snapshots: usize,
 }
 
 impl Default for StoreConfig {
@@ -59,6 +62,7 @@ impl Default for StoreConfig {
             lease_duration: Duration::from_secs(30),
             replica: uuid::Uuid::new_v4().to_string(),
             op_timeout: Duration::from_secs(10),
+            max_snapshots: 4,
         }
     }
 }
@@ -129,16 +133,30 @@ impl Backend {
 }
 
 /// A consistent view of the store at one revision, read page by page.
-pub enum Snapshot {
+pub struct Snapshot {
+    inner: SnapshotTx,
+    /// Bounds concurrent snapshots so they never take every pooled connection.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+enum SnapshotTx {
     Postgres(postgres::Snapshot),
     Sqlite(sqlite::Snapshot),
 }
 
 impl Snapshot {
     pub fn revision(&self) -> i64 {
-        match self {
-            Snapshot::Postgres(s) => s.revision,
-            Snapshot::Sqlite(s) => s.revision,
+        match &self.inner {
+            SnapshotTx::Postgres(s) => s.revision,
+            SnapshotTx::Sqlite(s) => s.revision,
+        }
+    }
+
+    /// The compaction horizon, read in the snapshot.
+    pub fn compacted(&self) -> i64 {
+        match &self.inner {
+            SnapshotTx::Postgres(s) => s.compacted,
+            SnapshotTx::Sqlite(s) => s.compacted,
         }
     }
 
@@ -151,9 +169,9 @@ impl Snapshot {
         after: Option<&Key>,
         limit: usize,
     ) -> Result<Vec<StoredObject>> {
-        match self {
-            Snapshot::Postgres(s) => s.page(kinds, dpu, after, limit).await,
-            Snapshot::Sqlite(s) => s.page(kinds, dpu, after, limit).await,
+        match &mut self.inner {
+            SnapshotTx::Postgres(s) => s.page(kinds, dpu, after, limit).await,
+            SnapshotTx::Sqlite(s) => s.page(kinds, dpu, after, limit).await,
         }
     }
 }
@@ -163,6 +181,7 @@ pub struct Store {
     backend: Backend,
     writer: mpsc::Sender<Pending>,
     config: Arc<StoreConfig>,
+    snapshots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Store {
@@ -171,7 +190,8 @@ impl Store {
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let config = Arc::new(config);
         tokio::spawn(writer(backend.clone(), Arc::clone(&config), rx, committed));
-        Store { backend, writer: tx, config }
+        let snapshots = Arc::new(tokio::sync::Semaphore::new(config.max_snapshots.max(1)));
+        Store { backend, writer: tx, config, snapshots }
     }
 
     pub fn backend(&self) -> &Backend {
@@ -272,6 +292,17 @@ impl Store {
         .await
     }
 
+    /// The live object without its statuses (cheaper: for reading a spec).
+    pub async fn get_spec(&self, key: &Key) -> Result<Option<StoredObject>> {
+        bounded(self.config.op_timeout, async {
+            match &self.backend {
+                Backend::Postgres(p) => postgres::get_spec(p, key).await,
+                Backend::Sqlite(p, _) => sqlite::get_spec(p, key).await,
+            }
+        })
+        .await
+    }
+
     pub async fn get_including_deleted(&self, key: &Key) -> Result<Option<StoredObject>> {
         bounded(self.config.op_timeout, async {
             match &self.backend {
@@ -311,13 +342,19 @@ impl Store {
     }
 
     pub async fn snapshot(&self) -> Result<Snapshot> {
-        bounded(self.config.op_timeout, async {
+        // Waiting for a turn is not bounded: a snapshot is only slow to start, never refused.
+        let permit = Arc::clone(&self.snapshots)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Unavailable("the store is closing".into()))?;
+        let inner = bounded(self.config.op_timeout, async {
             Ok(match &self.backend {
-                Backend::Postgres(p) => Snapshot::Postgres(postgres::Snapshot::begin(p).await?),
-                Backend::Sqlite(p, _) => Snapshot::Sqlite(sqlite::Snapshot::begin(p).await?),
+                Backend::Postgres(p) => SnapshotTx::Postgres(postgres::Snapshot::begin(p).await?),
+                Backend::Sqlite(p, _) => SnapshotTx::Sqlite(sqlite::Snapshot::begin(p).await?),
             })
         })
-        .await
+        .await?;
+        Ok(Snapshot { inner, _permit: permit })
     }
 
     pub async fn dpu_labels(&self, serial: &str) -> Result<Option<Labels>> {

@@ -139,12 +139,12 @@ pub async fn flush_loop(
     loop {
         let batch = book.take();
         if batch.is_empty() {
-            // Waking on every change, but at most this often under load, batches reports.
+            // A report goes out at once; reports that come in while a call is in flight are
+            // batched into the next call.
             tokio::select! {
                 () = book.notify.notified() => {}
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
         let reports = batch.iter().map(|(_, r)| r.clone()).collect();

@@ -20,8 +20,8 @@ impl Working<'_> {
         let now = self.ctx.now;
         let lease = self.dpus.get(&req.serial).cloned().flatten();
         let registered_at = lease.as_ref().map_or(now, |l| l.registered_at);
-        self.dpus.insert(
-            req.serial.clone(),
+        self.set_dpu(
+            &req.serial,
             Some(DpuRow {
                 serial: req.serial.clone(),
                 ready: true,
@@ -87,7 +87,7 @@ impl Working<'_> {
         lease.ready = true;
         lease.last_heartbeat = self.ctx.now;
         lease.applied_revision = applied_revision.max(0);
-        self.dpus.insert(serial.to_string(), Some(lease));
+        self.set_dpu(serial, Some(lease));
         self.dpus_dirty.push(serial.to_string());
         if !was_ready {
             self.set_lease_state(tx, serial, true).await?;
@@ -109,7 +109,7 @@ impl Working<'_> {
                 continue;
             }
             lease.ready = false;
-            self.dpus.insert(serial.clone(), Some(lease));
+            self.set_dpu(&serial, Some(lease));
             self.dpus_dirty.push(serial.clone());
             self.set_lease_state(tx, &serial, false).await?;
             tracing::warn!(dpu = %serial, "lease lapsed");
@@ -140,7 +140,7 @@ impl Working<'_> {
         if !outcome.existed && count == 0 {
             return Err(Error::NotFound(format!("dpu {serial}")));
         }
-        self.dpus.insert(serial.to_string(), None);
+        self.set_dpu(serial, None);
         self.dpus_deleted.push(serial.to_string());
         Ok(Reply::Decommissioned { revision: self.head, netdevs: count })
     }

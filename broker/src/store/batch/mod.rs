@@ -119,9 +119,26 @@ struct Working<'c> {
     loaded_allocations: HashMap<(String, String), Option<(String, IpAddr)>>,
     events: Vec<Event>,
     compact_to: Option<i64>,
+    /// How to take back every change since the batch began, newest last.
+    journal: Vec<Undo>,
 }
 
-/// A snapshot of the parts of the working set a failing request may have touched.
+/// One change to the working set and how to take it back: the previous entry of a map slot
+/// (`None`: the slot was absent).
+enum Undo {
+    Object(Key, Option<Option<ObjectRow>>, Option<Route>),
+    Status((Key, String), Option<Option<StatusRow>>),
+    Dpu(String, Option<Option<DpuRow>>),
+    Purged(Key),
+    NetdevNamespace(String, Option<Option<String>>),
+    Allocation((String, String), Option<Option<(String, IpAddr)>>),
+    PoolCreated(String),
+    PoolReserved(String, IpAddr),
+    PoolOffset(String, u128, bool),
+}
+
+/// Where the working set stood before a request: lengths of the append-only parts and of the
+/// journal. Taking one costs nothing, whatever the batch holds.
 struct Savepoint {
     head: i64,
     dirty: usize,
@@ -129,14 +146,19 @@ struct Savepoint {
     dpus_dirty: usize,
     dpus_deleted: usize,
     events: usize,
-    objects: Vec<(Key, Option<ObjectRow>)>,
-    statuses: Vec<((Key, String), Option<StatusRow>)>,
-    dpus: Vec<(String, Option<DpuRow>)>,
-    purged: HashSet<Key>,
-    netdev_namespaces: HashMap<String, Option<String>>,
-    allocations: HashMap<(String, String), Option<(String, IpAddr)>>,
-    pools: Vec<(String, u128, bool, HashSet<IpAddr>)>,
+    journal: usize,
     compact_to: Option<i64>,
+}
+
+fn put_back<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, key: K, prev: Option<V>) {
+    match prev {
+        Some(v) => {
+            map.insert(key, v);
+        }
+        None => {
+            map.remove(&key);
+        }
+    }
 }
 
 pub(crate) async fn run<T: WriteTx>(mut tx: T, requests: &[&Request], ctx: &BatchContext) -> Result<BatchResult> {
@@ -159,11 +181,12 @@ pub(crate) async fn run<T: WriteTx>(mut tx: T, requests: &[&Request], ctx: &Batc
         loaded_allocations: HashMap::new(),
         events: Vec::new(),
         compact_to: None,
+        journal: Vec::new(),
     };
     ws.preload(&mut tx, requests).await?;
     let mut replies = Vec::with_capacity(requests.len());
     for req in requests {
-        let save = ws.savepoint(req);
+        let save = ws.savepoint();
         let reply = ws.handle(&mut tx, req).await;
         if reply.is_err() {
             ws.restore(save);
@@ -199,6 +222,7 @@ impl Working<'_> {
         let mut keys = Vec::new();
         let mut netdev_names = Vec::new();
         let mut serials = Vec::new();
+        let mut status_slots = Vec::new();
         for req in requests {
             match req {
                 Request::Apply(a) => {
@@ -219,6 +243,8 @@ impl Working<'_> {
                 Request::Status { serial, writes } => {
                     keys.extend(writes.iter().map(|w| w.key.clone()));
                     keys.push(Key::cluster(Kind::Dpu, serial));
+                    let author = dpu_author(serial);
+                    status_slots.extend(writes.iter().map(|w| (w.key.clone(), author.clone())));
                 }
                 Request::Register(r) => {
                     keys.push(Key::cluster(Kind::Dpu, &r.serial));
@@ -230,7 +256,27 @@ impl Working<'_> {
         }
         self.ensure(tx, keys).await?;
         self.ensure_netdev_names(tx, netdev_names).await?;
+        self.ensure_statuses(tx, status_slots).await?;
         self.ensure_dpus(tx, serials).await
+    }
+
+    /// Loads the given status slots in one round trip (absent ones are remembered as absent).
+    async fn ensure_statuses<T: WriteTx>(&mut self, tx: &mut T, slots: Vec<(Key, String)>) -> Result<()> {
+        let mut missing: Vec<(Key, String)> = slots.into_iter().filter(|s| !self.statuses.contains_key(s)).collect();
+        missing.sort();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let rows = tx.load_statuses(missing.clone()).await?;
+        for slot in missing {
+            self.set_status(slot, None);
+        }
+        for row in rows {
+            let slot = (row.key.clone(), row.author.clone());
+            self.set_status(slot, Some(row));
+        }
+        Ok(())
     }
 
     async fn ensure<T: WriteTx>(&mut self, tx: &mut T, keys: Vec<Key>) -> Result<()> {
@@ -241,13 +287,13 @@ impl Working<'_> {
             return Ok(());
         }
         let rows = tx.load_objects(missing.clone()).await?;
-        for k in missing {
-            self.objects.insert(k, None);
+        for k in &missing {
+            self.set_object(k, None, None);
         }
         for row in rows {
             let route = Spec::from_stored(row.key.kind, row.spec.clone())?.route();
-            self.routes.insert(row.key.clone(), route);
-            self.objects.insert(row.key.clone(), Some(row));
+            let key = row.key.clone();
+            self.set_object(&key, Some(row), Some(route));
         }
         Ok(())
     }
@@ -258,11 +304,11 @@ impl Working<'_> {
             return Ok(());
         }
         let found = tx.live_netdev_namespaces(missing.clone()).await?;
-        for n in missing {
-            self.netdev_namespaces.insert(n, None);
+        for n in &missing {
+            self.set_netdev_namespace(n, None);
         }
         for (name, ns) in found {
-            self.netdev_namespaces.insert(name, Some(ns));
+            self.set_netdev_namespace(&name, Some(ns));
         }
         Ok(())
     }
@@ -273,11 +319,12 @@ impl Working<'_> {
             return Ok(());
         }
         let rows = tx.load_dpus(missing.clone()).await?;
-        for s in missing {
-            self.dpus.insert(s, None);
+        for s in &missing {
+            self.set_dpu(s, None);
         }
         for row in rows {
-            self.dpus.insert(row.serial.clone(), Some(row));
+            let serial = row.serial.clone();
+            self.set_dpu(&serial, Some(row));
         }
         Ok(())
     }
@@ -290,7 +337,7 @@ impl Working<'_> {
             } else {
                 tx.load_statuses(vec![slot.clone()]).await?.into_iter().next()
             };
-            self.statuses.insert(slot.clone(), row);
+            self.set_status(slot.clone(), row);
         }
         Ok(self.statuses.get(&slot).cloned().flatten())
     }
@@ -304,16 +351,7 @@ impl Working<'_> {
         self.head
     }
 
-    fn savepoint(&self, req: &Request) -> Savepoint {
-        // Only what a request can touch is copied: its keys' slots and the shared counters.
-        let keys: Vec<Key> = match req {
-            Request::Apply(a) => vec![a.input.key.clone()],
-            Request::Delete(d) => vec![d.key.clone()],
-            Request::Status { writes, .. } => writes.iter().map(|w| w.key.clone()).collect(),
-            Request::Register(r) => vec![Key::cluster(Kind::Dpu, &r.serial)],
-            Request::Heartbeat { serial, .. } => vec![Key::cluster(Kind::Dpu, serial)],
-            Request::SweepLeases | Request::Compact { .. } | Request::Decommission { .. } => vec![],
-        };
+    fn savepoint(&self) -> Savepoint {
         Savepoint {
             head: self.head,
             dirty: self.dirty.len(),
@@ -321,18 +359,7 @@ impl Working<'_> {
             dpus_dirty: self.dpus_dirty.len(),
             dpus_deleted: self.dpus_deleted.len(),
             events: self.events.len(),
-            objects: keys.iter().map(|k| (k.clone(), self.objects.get(k).cloned().flatten())).collect(),
-            statuses: self
-                .statuses
-                .iter()
-                .filter(|((k, _), _)| keys.contains(k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            dpus: self.dpus.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            purged: self.purged.clone(),
-            netdev_namespaces: self.netdev_namespaces.clone(),
-            allocations: self.allocations.clone(),
-            pools: self.pools.iter().map(|(n, p)| (n.clone(), p.offset, p.offset_dirty, p.reserved.clone())).collect(),
+            journal: self.journal.len(),
             compact_to: self.compact_to,
         }
     }
@@ -344,29 +371,81 @@ impl Working<'_> {
         self.dpus_dirty.truncate(s.dpus_dirty);
         self.dpus_deleted.truncate(s.dpus_deleted);
         self.events.truncate(s.events);
-        for (k, v) in s.objects {
-            if let Some(row) = &v
-                && let Ok(spec) = Spec::from_stored(k.kind, row.spec.clone())
-            {
-                self.routes.insert(k.clone(), spec.route());
-            }
-            self.objects.insert(k, v);
-        }
-        for (k, v) in s.statuses {
-            self.statuses.insert(k, v);
-        }
-        self.dpus = s.dpus.into_iter().collect();
-        self.purged = s.purged;
-        self.netdev_namespaces = s.netdev_namespaces;
-        self.allocations = s.allocations;
-        for (n, offset, dirty, reserved) in s.pools {
-            if let Some(p) = self.pools.get_mut(&n) {
-                p.offset = offset;
-                p.offset_dirty = dirty;
-                p.reserved = reserved;
-            }
-        }
         self.compact_to = s.compact_to;
+        while self.journal.len() > s.journal {
+            let Some(undo) = self.journal.pop() else { break };
+            match undo {
+                Undo::Object(k, prev, route) => {
+                    put_back(&mut self.routes, k.clone(), route);
+                    put_back(&mut self.objects, k, prev);
+                }
+                Undo::Status(slot, prev) => put_back(&mut self.statuses, slot, prev),
+                Undo::Dpu(serial, prev) => put_back(&mut self.dpus, serial, prev),
+                Undo::Purged(k) => {
+                    self.purged.remove(&k);
+                }
+                Undo::NetdevNamespace(name, prev) => put_back(&mut self.netdev_namespaces, name, prev),
+                Undo::Allocation(slot, prev) => put_back(&mut self.allocations, slot, prev),
+                Undo::PoolCreated(n) => {
+                    self.pools.remove(&n);
+                }
+                Undo::PoolReserved(n, ip) => {
+                    if let Some(p) = self.pools.get_mut(&n) {
+                        p.reserved.remove(&ip);
+                    }
+                }
+                Undo::PoolOffset(n, offset, dirty) => {
+                    if let Some(p) = self.pools.get_mut(&n) {
+                        p.offset = offset;
+                        p.offset_dirty = dirty;
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- journaled changes: every change to the working set goes through one of these ----
+
+    /// Sets an object slot (and its route, when given).
+    fn set_object(&mut self, key: &Key, row: Option<ObjectRow>, route: Option<Route>) {
+        let prev = self.objects.insert(key.clone(), row);
+        let prev_route = match route {
+            Some(r) => self.routes.insert(key.clone(), r),
+            None => self.routes.get(key).cloned(),
+        };
+        self.journal.push(Undo::Object(key.clone(), prev, prev_route));
+    }
+
+    fn set_status(&mut self, slot: (Key, String), row: Option<StatusRow>) {
+        let prev = self.statuses.insert(slot.clone(), row);
+        self.journal.push(Undo::Status(slot, prev));
+    }
+
+    fn set_dpu(&mut self, serial: &str, row: Option<DpuRow>) {
+        let prev = self.dpus.insert(serial.to_string(), row);
+        self.journal.push(Undo::Dpu(serial.to_string(), prev));
+    }
+
+    fn set_netdev_namespace(&mut self, name: &str, namespace: Option<String>) {
+        let prev = self.netdev_namespaces.insert(name.to_string(), namespace);
+        self.journal.push(Undo::NetdevNamespace(name.to_string(), prev));
+    }
+
+    fn set_allocation(&mut self, slot: (String, String), allocation: Option<(String, IpAddr)>) {
+        let prev = self.allocations.insert(slot.clone(), allocation);
+        self.journal.push(Undo::Allocation(slot, prev));
+    }
+
+    /// Drops every status of `key` (a new incarnation, or a purged Dpu); rare, so it scans.
+    fn purge(&mut self, key: &Key) {
+        if self.purged.insert(key.clone()) {
+            self.journal.push(Undo::Purged(key.clone()));
+        }
+        let slots: Vec<(Key, String)> = self.statuses.keys().filter(|(k, _)| k == key).cloned().collect();
+        for slot in slots {
+            let prev = self.statuses.remove(&slot);
+            self.journal.push(Undo::Status(slot, prev));
+        }
     }
 
     async fn handle<T: WriteTx>(&mut self, tx: &mut T, req: &Request) -> Result<Reply> {
@@ -467,8 +546,7 @@ impl Working<'_> {
         };
         if existing.is_some() && live.is_none() {
             // A re-created object starts afresh: statuses of the old incarnation go.
-            self.purged.insert(key.clone());
-            self.statuses.retain(|(k, _), _| k != key);
+            self.purge(key);
         }
         let route = spec.route();
         let prev_route = self.routes.get(key).filter(|r| live.is_some() && **r != route).cloned();
@@ -486,8 +564,7 @@ impl Working<'_> {
             prev_route,
             at: now,
         });
-        self.routes.insert(key.clone(), route);
-        self.objects.insert(key.clone(), Some(row.clone()));
+        self.set_object(key, Some(row.clone()), Some(route));
         self.dirty.push(key.clone());
         Ok((row, true))
     }
@@ -529,14 +606,11 @@ impl Working<'_> {
             }
             Kind::Netdev => {
                 if self.current_allocation(tx, key).await?.is_some() {
-                    self.allocations.insert((key.namespace.clone(), key.name.clone()), None);
+                    self.set_allocation((key.namespace.clone(), key.name.clone()), None);
                 }
-                self.netdev_namespaces.insert(key.name.clone(), None);
+                self.set_netdev_namespace(&key.name, None);
             }
-            Kind::Dpu => {
-                self.purged.insert(key.clone());
-                self.statuses.retain(|(k, _), _| k != key);
-            }
+            Kind::Dpu => self.purge(key),
             _ => {}
         }
         let rev = self.next_revision();
@@ -559,7 +633,7 @@ impl Working<'_> {
             prev_route: None,
             at: self.ctx.now,
         });
-        self.objects.insert(key.clone(), Some(row));
+        self.set_object(key, Some(row), None);
         self.dirty.push(key.clone());
         Ok(DeleteOutcome { revision: rev, existed: true })
     }
@@ -585,7 +659,7 @@ impl Working<'_> {
             status,
             updated_at: self.ctx.now,
         });
-        self.statuses.insert(slot.clone(), row);
+        self.set_status(slot.clone(), row);
         self.status_dirty.push(slot);
         self.events.push(Event {
             revision: rev,

@@ -211,7 +211,7 @@ impl Working<'_> {
             }
         };
         if next != prev {
-            self.allocations.insert(slot, next);
+            self.set_allocation(slot, next);
         }
         Ok(())
     }
@@ -220,6 +220,7 @@ impl Working<'_> {
         if !self.pools.contains_key(network) {
             let offset = tx.pool_offset(network.to_string()).await?.unwrap_or(0);
             self.pools.insert(network.to_string(), PoolState { offset, offset_dirty: false, reserved: HashSet::new() });
+            self.journal.push(super::Undo::PoolCreated(network.to_string()));
         }
         Ok(())
     }
@@ -250,6 +251,7 @@ impl Working<'_> {
             if !state.reserved.insert(ip) {
                 return Err(Error::AlreadyExists(format!("address {ip} of XpuNetwork {network} is in use")));
             }
+            self.journal.push(super::Undo::PoolReserved(network.to_string(), ip));
             return Ok(ip);
         }
         let capacity = pool.capacity();
@@ -269,11 +271,14 @@ impl Working<'_> {
             let addrs = window.iter().map(|(ip, _)| ip.to_string()).collect();
             let taken = tx.taken(network.to_string(), addrs).await?;
             let state = self.pools.get_mut(network).ok_or_else(|| Error::internal("pool state missing"))?;
+            let undo_offset = super::Undo::PoolOffset(network.to_string(), state.offset, state.offset_dirty);
             for (ip, next) in &window {
                 if !taken.contains_key(&ip.to_string()) {
                     state.reserved.insert(*ip);
                     state.offset = *next;
                     state.offset_dirty = true;
+                    self.journal.push(undo_offset);
+                    self.journal.push(super::Undo::PoolReserved(network.to_string(), *ip));
                     return Ok(*ip);
                 }
             }
@@ -282,6 +287,7 @@ impl Working<'_> {
                 state.offset = *next;
                 state.offset_dirty = true;
             }
+            self.journal.push(undo_offset);
         }
     }
 }

@@ -34,7 +34,12 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
     let options = PgConnectOptions::from_str(url)
         .map_err(|e| Error::invalid("database-url", e.to_string()))?
         // A stalled statement must fail (and be retried by the caller), not hang a writer.
-        .options([("statement_timeout", "15s"), ("idle_in_transaction_session_timeout", "60s")]);
+        .options([
+            ("statement_timeout", "15s"),
+            ("idle_in_transaction_session_timeout", "60s"),
+            // Plans for the parameters at hand: a generic plan of the key-list joins scans tables.
+            ("plan_cache_mode", "force_custom_plan"),
+        ]);
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
@@ -153,7 +158,7 @@ fn key_arrays(keys: &[Key]) -> (Vec<String>, Vec<String>, Vec<String>) {
 const STATUSES_OF_KEYS: &str = "SELECT s.*, COALESCE(NOT d.ready, false) AS stale FROM statuses s \
      JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS k(kind, namespace, name) \
        ON s.kind = k.kind AND s.namespace = k.namespace AND s.name = k.name \
-     LEFT JOIN dpus d ON s.author = 'dpu/' || d.serial";
+     LEFT JOIN dpus d ON d.serial = substr(s.author, 5) AND s.author LIKE 'dpu/%'";
 
 fn stale_statuses(rows: &[PgRow]) -> Result<Vec<(StatusRow, bool)>> {
     rows.iter().map(|r| Ok((status_row(r)?, r.try_get("stale")?))).collect()
@@ -208,6 +213,17 @@ pub async fn get(pool: &PgPool, key: &Key, include_deleted: bool) -> Result<Opti
     Ok(complete(pool, vec![object_row(&row)?]).await?.into_iter().next())
 }
 
+/// The live object's spec and metadata only: no statuses, leases or pool usage.
+pub async fn get_spec(pool: &PgPool, key: &Key) -> Result<Option<StoredObject>> {
+    let sql = format!(
+        "SELECT {OBJECT_COLUMNS} FROM objects o WHERE o.kind = $1 AND o.namespace = $2 AND o.name = $3 \
+         AND o.deleted_revision IS NULL"
+    );
+    let row =
+        sqlx::query(&sql).bind(key.kind.as_str()).bind(&key.namespace).bind(&key.name).fetch_optional(pool).await?;
+    row.map(|r| Ok(object_row(&r)?.into_stored(vec![], None, None))).transpose()
+}
+
 /// One page of live objects of a kind, ordered by (namespace, name), after `after`.
 pub async fn list(
     pool: &PgPool,
@@ -259,9 +275,15 @@ pub async fn read_log(pool: &PgPool, after: i64, limit: usize, filter: &LogFilte
         }
         LogFilter::Dpu(serial) => {
             let kinds: Vec<&str> = Kind::SELECTOR_ROUTED.iter().map(|k| k.as_str()).collect();
+            // Three index range scans (its Netdevs, the selector-routed kinds, its Dpu record)
+            // merged by revision, instead of filtering every entry since `after`.
             sqlx::query(
-                "SELECT * FROM log WHERE revision > $1 AND change <> 2 \
-                 AND (dpu = $2 OR kind = ANY($3) OR (kind = 'Dpu' AND name = $2)) ORDER BY revision LIMIT $4",
+                "(SELECT * FROM log WHERE dpu = $2 AND revision > $1 AND change <> 2 ORDER BY revision LIMIT $4) \
+                 UNION ALL (SELECT * FROM log WHERE kind = ANY($3) AND revision > $1 AND change <> 2 \
+                   ORDER BY revision LIMIT $4) \
+                 UNION ALL (SELECT * FROM log WHERE kind = 'Dpu' AND namespace = '' AND name = $2 AND revision > $1 \
+                   AND change <> 2 ORDER BY revision LIMIT $4) \
+                 ORDER BY revision LIMIT $4",
             )
             .bind(after)
             .bind(serial)
@@ -293,14 +315,16 @@ pub async fn read_log(pool: &PgPool, after: i64, limit: usize, filter: &LogFilte
 pub struct Snapshot {
     tx: Transaction<'static, Postgres>,
     pub revision: i64,
+    pub compacted: i64,
 }
 
 impl Snapshot {
     pub async fn begin(pool: &PgPool) -> Result<Snapshot> {
         let mut tx = pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
-        let row = sqlx::query("SELECT revision FROM xpu_meta WHERE id = 1").fetch_one(&mut *tx).await?;
-        Ok(Snapshot { revision: row.try_get(0)?, tx })
+        let row =
+            sqlx::query("SELECT revision, compacted_revision FROM xpu_meta WHERE id = 1").fetch_one(&mut *tx).await?;
+        Ok(Snapshot { revision: row.try_get(0)?, compacted: row.try_get(1)?, tx })
     }
 
     /// Live objects of `kinds` (optionally only Netdevs of one DPU), after `after` in

@@ -175,7 +175,7 @@ async fn statuses_of(exec: &mut sqlx::SqliteConnection, keys: &[Key]) -> Result<
     let mut out = Vec::new();
     for chunk in keys.chunks(CHUNK) {
         let sql = format!(
-            "SELECT s.*, COALESCE(d.ready = 0, 0) AS stale FROM statuses s LEFT JOIN dpus d ON s.author = 'dpu/' || d.serial \
+            "SELECT s.*, COALESCE(d.ready = 0, 0) AS stale FROM statuses s LEFT JOIN dpus d ON d.serial = substr(s.author, 5) AND s.author LIKE 'dpu/%' \
              WHERE (s.kind, s.namespace, s.name) IN (VALUES {})",
             key_tuples(chunk.len(), 3)
         );
@@ -240,6 +240,16 @@ pub async fn get(pool: &SqlitePool, key: &Key, include_deleted: bool) -> Result<
     Ok(complete(&mut conn, vec![object_row(&row)?], true).await?.into_iter().next())
 }
 
+/// The live object's spec and metadata only: no statuses, leases or pool usage.
+pub async fn get_spec(pool: &SqlitePool, key: &Key) -> Result<Option<StoredObject>> {
+    let sql = format!(
+        "SELECT {OBJECT_COLUMNS} FROM objects WHERE kind = ? AND namespace = ? AND name = ? AND deleted_revision IS NULL"
+    );
+    let row =
+        sqlx::query(&sql).bind(key.kind.as_str()).bind(&key.namespace).bind(&key.name).fetch_optional(pool).await?;
+    row.map(|r| Ok(object_row(&r)?.into_stored(vec![], None, None))).transpose()
+}
+
 pub async fn list(
     pool: &SqlitePool,
     kind: Kind,
@@ -289,13 +299,18 @@ pub async fn read_log(pool: &SqlitePool, after: i64, limit: usize, filter: &LogF
             q.bind(limit).fetch_all(pool).await?
         }
         LogFilter::Dpu(serial) => {
+            // Three index range scans (its Netdevs, the selector-routed kinds, its Dpu record)
+            // merged by revision, instead of filtering every entry since `after`.
             sqlx::query(
-                "SELECT * FROM log WHERE revision > ? AND change <> 2 \
-                 AND (dpu = ? OR kind IN ('LogicalBridge', 'Vrf', 'Svi', 'FlowPolicy') OR (kind = 'Dpu' AND name = ?)) \
-                 ORDER BY revision LIMIT ?",
+                "SELECT * FROM (SELECT * FROM log WHERE dpu = ?2 AND revision > ?1 AND change <> 2 \
+                   ORDER BY revision LIMIT ?3) \
+                 UNION ALL SELECT * FROM (SELECT * FROM log WHERE kind IN ('LogicalBridge', 'Vrf', 'Svi', 'FlowPolicy') \
+                   AND revision > ?1 AND change <> 2 ORDER BY revision LIMIT ?3) \
+                 UNION ALL SELECT * FROM (SELECT * FROM log WHERE kind = 'Dpu' AND namespace = '' AND name = ?2 \
+                   AND revision > ?1 AND change <> 2 ORDER BY revision LIMIT ?3) \
+                 ORDER BY revision LIMIT ?3",
             )
             .bind(after)
-            .bind(serial)
             .bind(serial)
             .bind(limit)
             .fetch_all(pool)
@@ -323,13 +338,15 @@ pub async fn read_log(pool: &SqlitePool, after: i64, limit: usize, filter: &LogF
 pub struct Snapshot {
     tx: Transaction<'static, Sqlite>,
     pub revision: i64,
+    pub compacted: i64,
 }
 
 impl Snapshot {
     pub async fn begin(pool: &SqlitePool) -> Result<Snapshot> {
         let mut tx = pool.begin().await?;
-        let row = sqlx::query("SELECT revision FROM xpu_meta WHERE id = 1").fetch_one(&mut *tx).await?;
-        Ok(Snapshot { revision: row.try_get(0)?, tx })
+        let row =
+            sqlx::query("SELECT revision, compacted_revision FROM xpu_meta WHERE id = 1").fetch_one(&mut *tx).await?;
+        Ok(Snapshot { revision: row.try_get(0)?, compacted: row.try_get(1)?, tx })
     }
 
     pub async fn page(
