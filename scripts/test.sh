@@ -81,6 +81,8 @@ ensure_tools() {
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   # The dashboard's browser test.
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  # The load generator's smoke run sets the broker beside etcd 3.4.
+  command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
   [ ${#missing[@]} -eq 0 ] && return
   log "installing ${missing[*]}"
   local sudo=""

@@ -97,6 +97,14 @@ impl Metrics {
     }
 }
 
+/// Refreshes the planner statistics of the database.
+pub async fn analyze(db_url: &str) -> anyhow::Result<()> {
+    let mut conn = PgConnection::connect(db_url).await?;
+    sqlx::query("ANALYZE").execute(&mut conn).await?;
+    let _ = conn.close().await;
+    Ok(())
+}
+
 /// Cumulative counters of the database (pg_stat_database): transactions, rows scanned, rows
 /// fetched by index, rows written.
 pub async fn pg_counters(db_url: &str) -> Option<[f64; 4]> {
