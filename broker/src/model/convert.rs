@@ -202,7 +202,7 @@ pub fn resource_from_event(ev: &Event) -> Result<pb::Resource> {
         spec_author: if ev.change == ChangeKind::Status { String::new() } else { ev.author.clone() },
     });
     let spec = match (ev.change, &ev.body) {
-        (ChangeKind::Spec, Some(body)) => Some(Spec::from_stored(ev.key.kind, body.clone())?),
+        (ChangeKind::Spec, Some(body)) => Some(Spec::from_stored(ev.key.kind, body)?),
         _ => None,
     };
     let status = match (ev.change, &ev.body) {

@@ -65,9 +65,21 @@ impl Spec {
         })
     }
 
-    pub fn from_stored(kind: Kind, json: Value) -> Result<Spec> {
-        Spec::from_json(kind, json, "spec")
-            .map_err(|e| Error::internal(format!("stored {kind} spec does not decode: {e}")))
+    /// Decodes a stored spec in place (no copy of the JSON).
+    pub fn from_stored(kind: Kind, json: &Value) -> Result<Spec> {
+        fn de<T: serde::de::DeserializeOwned>(json: &Value) -> std::result::Result<T, serde_json::Error> {
+            T::deserialize(json)
+        }
+        let spec = match kind {
+            Kind::Dpu => de(json).map(Spec::Dpu),
+            Kind::Netdev => de(json).map(Spec::Netdev),
+            Kind::LogicalBridge => de(json).map(Spec::LogicalBridge),
+            Kind::Vrf => de(json).map(Spec::Vrf),
+            Kind::Svi => de(json).map(Spec::Svi),
+            Kind::XpuNetwork => de(json).map(Spec::XpuNetwork),
+            Kind::FlowPolicy => de(json).map(Spec::FlowPolicy),
+        };
+        spec.map_err(|e| Error::internal(format!("stored {kind} spec does not decode: {e}")))
     }
 
     pub fn route(&self) -> Route {
@@ -132,7 +144,7 @@ pub struct StoredObject {
 
 impl StoredObject {
     pub fn typed_spec(&self) -> Result<Spec> {
-        Spec::from_stored(self.key.kind, self.spec.clone())
+        Spec::from_stored(self.key.kind, &self.spec)
     }
 
     pub fn status_of(&self, author: &str) -> Option<&StoredStatus> {

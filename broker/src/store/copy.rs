@@ -55,7 +55,7 @@ async fn load<T: WriteTx>(mut tx: T, d: Dump) -> Result<()> {
         compact_to: (d.compacted > 0).then_some(d.compacted),
         ..Default::default()
     };
-    tx.flush(flush).await?;
+    tx.flush(&flush).await?;
     tx.commit().await
 }
 

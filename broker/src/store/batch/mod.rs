@@ -47,11 +47,11 @@ pub(crate) trait WriteTx: Send {
     fn lapsed_dpus(&mut self, now: DateTime<Utc>) -> impl Future<Output = Result<Vec<String>>> + Send;
     fn live_netdevs_on_dpu(&mut self, serial: String) -> impl Future<Output = Result<Vec<Key>>> + Send;
     fn count_allocations(&mut self, network: String) -> impl Future<Output = Result<i64>> + Send;
-    fn allocation_of(
+    /// `(namespace, name, network, address)` of the allocations held by these Netdevs.
+    fn allocations_of(
         &mut self,
-        namespace: String,
-        name: String,
-    ) -> impl Future<Output = Result<Option<(String, String)>>> + Send;
+        netdevs: Vec<(String, String)>,
+    ) -> impl Future<Output = Result<Vec<(String, String, String, String)>>> + Send;
     fn pool_offset(&mut self, network: String) -> impl Future<Output = Result<Option<u128>>> + Send;
     /// Which of `addresses` are allocated in `network`, and to whom.
     fn taken(
@@ -60,7 +60,7 @@ pub(crate) trait WriteTx: Send {
         addresses: Vec<String>,
     ) -> impl Future<Output = Result<HashMap<String, (String, String)>>> + Send;
     fn max_status_seq(&mut self, author: String) -> impl Future<Output = Result<i64>> + Send;
-    fn flush(&mut self, flush: Flush) -> impl Future<Output = Result<Compacted>> + Send;
+    fn flush(&mut self, flush: &Flush) -> impl Future<Output = Result<Compacted>> + Send;
     fn commit(self) -> impl Future<Output = Result<()>> + Send;
 }
 
@@ -137,6 +137,20 @@ enum Undo {
     PoolOffset(String, u128, bool),
 }
 
+/// What a status change keeps of its object.
+struct StatusTarget {
+    key: Key,
+    uid: Uuid,
+    generation: i64,
+    labels: Labels,
+}
+
+impl StatusTarget {
+    fn of(obj: &ObjectRow) -> StatusTarget {
+        StatusTarget { key: obj.key.clone(), uid: obj.uid, generation: obj.generation, labels: obj.labels.clone() }
+    }
+}
+
 /// Where the working set stood before a request: lengths of the append-only parts and of the
 /// journal. Taking one costs nothing, whatever the batch holds.
 struct Savepoint {
@@ -197,10 +211,11 @@ pub(crate) async fn run<T: WriteTx>(mut tx: T, requests: &[&Request], ctx: &Batc
         }
         replies.push(reply);
     }
-    let (flush, events) = ws.into_flush();
+    let flush = ws.into_flush();
     let new_head = flush.head;
-    let compacted = tx.flush(flush).await?;
+    let compacted = tx.flush(&flush).await?;
     tx.commit().await?;
+    let events = flush.log;
     for reply in &mut replies {
         if let Ok(Reply::Compacted(c)) = reply {
             *c = compacted;
@@ -210,7 +225,7 @@ pub(crate) async fn run<T: WriteTx>(mut tx: T, requests: &[&Request], ctx: &Batc
 }
 
 fn decode<T: serde::de::DeserializeOwned>(json: &Value, what: &str) -> Result<T> {
-    serde_json::from_value(json.clone()).map_err(|e| Error::internal(format!("stored {what} does not decode: {e}")))
+    T::deserialize(json).map_err(|e| Error::internal(format!("stored {what} does not decode: {e}")))
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Result<Value> {
@@ -223,6 +238,7 @@ impl Working<'_> {
         let mut netdev_names = Vec::new();
         let mut serials = Vec::new();
         let mut status_slots = Vec::new();
+        let mut allocations = Vec::new();
         for req in requests {
             match req {
                 Request::Apply(a) => {
@@ -231,6 +247,7 @@ impl Working<'_> {
                         Spec::Netdev(nd) => {
                             keys.push(Key::cluster(Kind::XpuNetwork, &nd.network));
                             netdev_names.push(a.input.key.name.clone());
+                            allocations.push((a.input.key.namespace.clone(), a.input.key.name.clone()));
                         }
                         Spec::Svi(s) => {
                             keys.push(Key::cluster(Kind::Vrf, &s.vrf));
@@ -257,6 +274,7 @@ impl Working<'_> {
         self.ensure(tx, keys).await?;
         self.ensure_netdev_names(tx, netdev_names).await?;
         self.ensure_statuses(tx, status_slots).await?;
+        self.load_allocations(tx, allocations).await?;
         self.ensure_dpus(tx, serials).await
     }
 
@@ -291,7 +309,7 @@ impl Working<'_> {
             self.set_object(k, None, None);
         }
         for row in rows {
-            let route = Spec::from_stored(row.key.kind, row.spec.clone())?.route();
+            let route = Spec::from_stored(row.key.kind, &row.spec)?.route();
             let key = row.key.clone();
             self.set_object(&key, Some(row), Some(route));
         }
@@ -329,16 +347,22 @@ impl Working<'_> {
         Ok(())
     }
 
-    async fn status_of<T: WriteTx>(&mut self, tx: &mut T, key: &Key, author: &str) -> Result<Option<StatusRow>> {
-        let slot = (key.clone(), author.to_string());
-        if !self.statuses.contains_key(&slot) {
-            let row = if self.purged.contains(key) {
+    /// Loads a status slot into the working set unless it is there already.
+    async fn ensure_status<T: WriteTx>(&mut self, tx: &mut T, slot: &(Key, String)) -> Result<()> {
+        if !self.statuses.contains_key(slot) {
+            let row = if self.purged.contains(&slot.0) {
                 None
             } else {
                 tx.load_statuses(vec![slot.clone()]).await?.into_iter().next()
             };
             self.set_status(slot.clone(), row);
         }
+        Ok(())
+    }
+
+    async fn status_of<T: WriteTx>(&mut self, tx: &mut T, key: &Key, author: &str) -> Result<Option<StatusRow>> {
+        let slot = (key.clone(), author.to_string());
+        self.ensure_status(tx, &slot).await?;
         Ok(self.statuses.get(&slot).cloned().flatten())
     }
 
@@ -648,6 +672,17 @@ impl Working<'_> {
         seq: i64,
         body: Option<Value>,
     ) -> i64 {
+        self.put_status_for(StatusTarget::of(obj), author, observed_generation, seq, body)
+    }
+
+    fn put_status_for(
+        &mut self,
+        obj: StatusTarget,
+        author: &str,
+        observed_generation: i64,
+        seq: i64,
+        body: Option<Value>,
+    ) -> i64 {
         let rev = self.next_revision();
         let slot = (obj.key.clone(), author.to_string());
         let row = body.clone().map(|status| StatusRow {
@@ -661,17 +696,18 @@ impl Working<'_> {
         });
         self.set_status(slot.clone(), row);
         self.status_dirty.push(slot);
+        let route = self.routes.get(&obj.key).cloned().unwrap_or(Route::None);
         self.events.push(Event {
             revision: rev,
-            key: obj.key.clone(),
+            key: obj.key,
             uid: obj.uid,
             generation: obj.generation,
             change: ChangeKind::Status,
-            labels: obj.labels.clone(),
+            labels: obj.labels,
             body,
             author: author.to_string(),
             observed_generation,
-            route: self.routes.get(&obj.key).cloned().unwrap_or(Route::None),
+            route,
             prev_route: None,
             at: self.ctx.now,
         });
@@ -702,72 +738,64 @@ impl Working<'_> {
         }
         let mut out = Vec::with_capacity(writes.len());
         for w in writes {
-            let Some(obj) = self.objects.get(&w.key).cloned().flatten() else {
+            if !matches!(self.objects.get(&w.key), Some(Some(_))) {
+                out.push(StatusOutcome::NotFound);
+                continue;
+            }
+            let slot = (w.key.clone(), author.clone());
+            self.ensure_status(tx, &slot).await?;
+            // Decide from borrowed state; copy only what the new status and its event keep.
+            let Some(Some(obj)) = self.objects.get(&w.key) else {
                 out.push(StatusOutcome::NotFound);
                 continue;
             };
-            let existing = self.status_of(tx, &w.key, &author).await?;
+            let existing = self.statuses.get(&slot).and_then(Option::as_ref);
             let routed = self.routes.get(&w.key).is_some_and(|r| r.reaches(serial, &dpu_labels));
-            if !routed && existing.is_none() {
-                out.push(StatusOutcome::NotFound);
-                continue;
-            }
-            if let Some(s) = &existing
-                && w.seq <= s.seq
-            {
-                out.push(StatusOutcome::Stale);
-                continue;
-            }
-            let outcome = match &w.body {
-                None if existing.is_some() => {
-                    StatusOutcome::Accepted(self.put_status(&obj, &author, w.observed_generation, w.seq, None))
-                }
-                None => StatusOutcome::Unchanged,
-                Some(_) if !obj.live() => StatusOutcome::NotFound,
+            let decision = match (&w.body, existing) {
+                _ if !routed && existing.is_none() => Err(StatusOutcome::NotFound),
+                (_, Some(s)) if w.seq <= s.seq => Err(StatusOutcome::Stale),
+                (None, Some(_)) => Ok(None),
+                (None, None) => Err(StatusOutcome::Unchanged),
+                (Some(_), _) if !obj.live() => Err(StatusOutcome::NotFound),
                 // A generation the object never had belongs to another incarnation of it.
-                Some(_) if w.observed_generation > obj.generation => StatusOutcome::Stale,
-                Some(_) if existing.as_ref().is_some_and(|s| w.observed_generation < s.observed_generation) => {
-                    StatusOutcome::Stale
+                (Some(_), _) if w.observed_generation > obj.generation => Err(StatusOutcome::Stale),
+                (Some(_), Some(s)) if w.observed_generation < s.observed_generation => Err(StatusOutcome::Stale),
+                (Some(body), Some(s)) if &s.status == body && s.observed_generation == w.observed_generation => {
+                    Err(StatusOutcome::Unchanged)
                 }
-                Some(body)
-                    if existing
-                        .as_ref()
-                        .is_some_and(|s| &s.status == body && s.observed_generation == w.observed_generation) =>
-                {
-                    StatusOutcome::Unchanged
-                }
-                Some(body) => StatusOutcome::Accepted(self.put_status(
-                    &obj,
-                    &author,
-                    w.observed_generation,
-                    w.seq,
-                    Some(body.clone()),
-                )),
+                (Some(body), _) => Ok(Some(body.clone())),
             };
-            out.push(outcome);
+            out.push(match decision {
+                Err(outcome) => outcome,
+                Ok(body) => {
+                    let target = StatusTarget::of(obj);
+                    StatusOutcome::Accepted(self.put_status_for(target, &author, w.observed_generation, w.seq, body))
+                }
+            });
         }
         Ok(out)
     }
 
     // ---- DPUs and leases ----
 
-    fn into_flush(self) -> (Flush, Vec<Event>) {
+    /// What to write, moved out of the working set (the events become the log entries).
+    fn into_flush(mut self) -> Flush {
         let mut flush = Flush { head: self.head, compact_to: self.compact_to, ..Default::default() };
         let mut seen = HashSet::new();
         for key in self.dirty {
             if seen.insert(key.clone())
-                && let Some(Some(row)) = self.objects.get(&key)
+                && let Some(Some(row)) = self.objects.remove(&key)
             {
-                flush.routes.push(self.routes.get(&key).cloned().unwrap_or(Route::None));
-                flush.objects.push(row.clone());
+                flush.routes.push(self.routes.remove(&key).unwrap_or(Route::None));
+                flush.objects.push(row);
             }
         }
         flush.purge_statuses = self.purged.into_iter().collect();
         let mut seen = HashSet::new();
         for slot in self.status_dirty {
             if seen.insert(slot.clone()) {
-                match self.statuses.get(&slot) {
-                    Some(Some(row)) => flush.statuses.push(row.clone()),
+                match self.statuses.remove(&slot) {
+                    Some(Some(row)) => flush.statuses.push(row),
                     _ => flush.delete_statuses.push(slot),
                 }
             }
@@ -792,15 +820,14 @@ impl Working<'_> {
         let mut seen = HashSet::new();
         for serial in self.dpus_dirty {
             if seen.insert(serial.clone())
-                && let Some(Some(row)) = self.dpus.get(&serial)
+                && let Some(Some(row)) = self.dpus.remove(&serial)
             {
-                flush.dpus.push(row.clone());
+                flush.dpus.push(row);
             }
         }
         flush.delete_dpus = self.dpus_deleted;
-        let events = self.events.clone();
         flush.log = self.events;
-        (flush, events)
+        flush
     }
 }
 

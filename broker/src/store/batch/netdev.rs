@@ -1,7 +1,10 @@
 //! Netdev preparation and broker IPAM inside a batch: defaults from the network, references,
 //! MACs, and address allocation from the pool (unique per network, guaranteed by the database).
 
-use std::{collections::HashSet, net::IpAddr};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
 
 use xpu_proto::broker::v1 as pb;
 
@@ -19,6 +22,27 @@ pub(super) struct PoolState {
     pub(super) offset: u128,
     pub(super) offset_dirty: bool,
     pub(super) reserved: HashSet<IpAddr>,
+    /// Addresses already checked against the database in this transaction, with their holder
+    /// there. The database does not change under the transaction, so each address is asked once.
+    pub(super) checked: HashMap<IpAddr, Option<(String, String)>>,
+}
+
+impl PoolState {
+    /// Asks the database about the addresses of `addrs` not checked yet.
+    async fn check<T: WriteTx>(&mut self, tx: &mut T, network: &str, addrs: &[IpAddr]) -> Result<()> {
+        let unknown: Vec<String> =
+            addrs.iter().filter(|ip| !self.checked.contains_key(ip)).map(ToString::to_string).collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let mut taken = tx.taken(network.to_string(), unknown.clone()).await?;
+        for a in unknown {
+            if let Ok(ip) = a.parse() {
+                self.checked.insert(ip, taken.remove(&a));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A stable, locally administered unicast MAC derived from the netdev id (FNV-1a).
@@ -144,14 +168,35 @@ impl Working<'_> {
         if let Some(a) = self.allocations.get(&slot) {
             return Ok(a.clone());
         }
-        if !self.loaded_allocations.contains_key(&slot) {
-            let found = tx
-                .allocation_of(key.namespace.clone(), key.name.clone())
-                .await?
-                .and_then(|(net, addr)| addr.parse().ok().map(|ip| (net, ip)));
-            self.loaded_allocations.insert(slot.clone(), found);
-        }
+        self.load_allocations(tx, vec![slot.clone()]).await?;
         Ok(self.loaded_allocations.get(&slot).cloned().flatten())
+    }
+
+    /// Loads the stored allocations of these Netdevs that are not known yet, in one query.
+    pub(super) async fn load_allocations<T: WriteTx>(
+        &mut self,
+        tx: &mut T,
+        slots: Vec<(String, String)>,
+    ) -> Result<()> {
+        let mut missing: Vec<(String, String)> =
+            slots.into_iter().filter(|s| !self.loaded_allocations.contains_key(s)).collect();
+        missing.sort();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let found = tx.allocations_of(missing.clone()).await?;
+        for slot in missing {
+            self.loaded_allocations.insert(slot, None);
+        }
+        for (ns, name, network, address) in found {
+            // An address that does not parse holds nothing: the Netdev gets a new one and the
+            // row is replaced.
+            if let Ok(ip) = address.parse() {
+                self.loaded_allocations.insert((ns, name), Some((network, ip)));
+            }
+        }
+        Ok(())
     }
 
     pub(super) async fn prepare_ipam<T: WriteTx>(
@@ -219,7 +264,10 @@ impl Working<'_> {
     pub(super) async fn pool_state<T: WriteTx>(&mut self, tx: &mut T, network: &str) -> Result<()> {
         if !self.pools.contains_key(network) {
             let offset = tx.pool_offset(network.to_string()).await?.unwrap_or(0);
-            self.pools.insert(network.to_string(), PoolState { offset, offset_dirty: false, reserved: HashSet::new() });
+            self.pools.insert(
+                network.to_string(),
+                PoolState { offset, offset_dirty: false, reserved: HashSet::new(), checked: HashMap::new() },
+            );
             self.journal.push(super::Undo::PoolCreated(network.to_string()));
         }
         Ok(())
@@ -241,9 +289,9 @@ impl Working<'_> {
                     format!("{ip} is not an assignable address of the pool of XpuNetwork {network}"),
                 ));
             }
-            let taken = tx.taken(network.to_string(), vec![ip.to_string()]).await?;
             let state = self.pools.get_mut(network).ok_or_else(|| Error::internal("pool state missing"))?;
-            if let Some((ns, name)) = taken.get(&ip.to_string()) {
+            state.check(tx, network, &[ip]).await?;
+            if let Some(Some((ns, name))) = state.checked.get(&ip) {
                 return Err(Error::AlreadyExists(format!(
                     "address {ip} of XpuNetwork {network} is in use by netdev {ns}/{name}"
                 )));
@@ -268,12 +316,11 @@ impl Working<'_> {
                     "the address pool of XpuNetwork {network} is exhausted ({capacity} addresses in use)"
                 )));
             }
-            let addrs = window.iter().map(|(ip, _)| ip.to_string()).collect();
-            let taken = tx.taken(network.to_string(), addrs).await?;
-            let state = self.pools.get_mut(network).ok_or_else(|| Error::internal("pool state missing"))?;
+            let addrs: Vec<IpAddr> = window.iter().map(|(ip, _)| *ip).collect();
+            state.check(tx, network, &addrs).await?;
             let undo_offset = super::Undo::PoolOffset(network.to_string(), state.offset, state.offset_dirty);
             for (ip, next) in &window {
-                if !taken.contains_key(&ip.to_string()) {
+                if matches!(state.checked.get(ip), Some(None)) {
                     state.reserved.insert(*ip);
                     state.offset = *next;
                     state.offset_dirty = true;

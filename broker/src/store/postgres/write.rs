@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use serde_json::Value;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
@@ -111,13 +112,20 @@ impl WriteTx for PgWriteTx {
         Ok(row.try_get(0)?)
     }
 
-    async fn allocation_of(&mut self, namespace: String, name: String) -> Result<Option<(String, String)>> {
-        let row = sqlx::query("SELECT network, address FROM ip_allocations WHERE namespace = $1 AND name = $2")
-            .bind(namespace)
-            .bind(name)
-            .fetch_optional(&mut *self.tx)
-            .await?;
-        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    async fn allocations_of(
+        &mut self,
+        netdevs: Vec<(String, String)>,
+    ) -> Result<Vec<(String, String, String, String)>> {
+        let (ns, n): (Vec<String>, Vec<String>) = netdevs.into_iter().unzip();
+        let rows = sqlx::query(
+            "SELECT a.namespace, a.name, a.network, a.address FROM ip_allocations a \
+             JOIN UNNEST($1::text[], $2::text[]) AS k(namespace, name) ON a.namespace = k.namespace AND a.name = k.name",
+        )
+        .bind(ns)
+        .bind(n)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?))).collect()
     }
 
     async fn pool_offset(&mut self, network: String) -> Result<Option<u128>> {
@@ -146,7 +154,7 @@ impl WriteTx for PgWriteTx {
         Ok(row.try_get(0)?)
     }
 
-    async fn flush(&mut self, f: Flush) -> Result<Compacted> {
+    async fn flush(&mut self, f: &Flush) -> Result<Compacted> {
         let tx = &mut *self.tx;
         if !f.objects.is_empty() {
             let keys: Vec<Key> = f.objects.iter().map(|o| o.key.clone()).collect();
@@ -176,10 +184,10 @@ impl WriteTx for PgWriteTx {
             .bind(f.objects.iter().map(|o| o.generation).collect::<Vec<_>>())
             .bind(f.objects.iter().map(|o| o.revision).collect::<Vec<_>>())
             .bind(f.objects.iter().map(|o| labels_json(&o.labels)).collect::<Vec<_>>())
-            .bind(f.objects.iter().map(|o| o.spec.clone()).collect::<Vec<_>>())
+            .bind(f.objects.iter().map(|o| &o.spec).collect::<Vec<&Value>>())
             .bind(dpus)
             .bind(selectors)
-            .bind(f.objects.iter().map(|o| o.spec_author.clone()).collect::<Vec<_>>())
+            .bind(f.objects.iter().map(|o| o.spec_author.as_str()).collect::<Vec<_>>())
             .bind(f.objects.iter().map(|o| o.created_at).collect::<Vec<_>>())
             .bind(f.objects.iter().map(|o| o.updated_at).collect::<Vec<_>>())
             .bind(f.objects.iter().map(|o| o.deleted_revision).collect::<Vec<_>>())
@@ -228,11 +236,11 @@ impl WriteTx for PgWriteTx {
             .bind(k)
             .bind(ns)
             .bind(n)
-            .bind(f.statuses.iter().map(|s| s.author.clone()).collect::<Vec<_>>())
+            .bind(f.statuses.iter().map(|s| s.author.as_str()).collect::<Vec<_>>())
             .bind(f.statuses.iter().map(|s| s.observed_generation).collect::<Vec<_>>())
             .bind(f.statuses.iter().map(|s| s.seq).collect::<Vec<_>>())
             .bind(f.statuses.iter().map(|s| s.revision).collect::<Vec<_>>())
-            .bind(f.statuses.iter().map(|s| s.status.clone()).collect::<Vec<_>>())
+            .bind(f.statuses.iter().map(|s| &s.status).collect::<Vec<&Value>>())
             .bind(f.statuses.iter().map(|s| s.updated_at).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
@@ -261,10 +269,10 @@ impl WriteTx for PgWriteTx {
             .bind(f.log.iter().map(|e| e.uid).collect::<Vec<_>>())
             .bind(f.log.iter().map(|e| e.generation).collect::<Vec<_>>())
             .bind(f.log.iter().map(|e| e.change.code()).collect::<Vec<_>>())
-            .bind(f.log.iter().map(|e| e.author.clone()).collect::<Vec<_>>())
+            .bind(f.log.iter().map(|e| e.author.as_str()).collect::<Vec<_>>())
             .bind(f.log.iter().map(|e| e.observed_generation).collect::<Vec<_>>())
             .bind(f.log.iter().map(|e| labels_json(&e.labels)).collect::<Vec<_>>())
-            .bind(f.log.iter().map(|e| e.body.clone()).collect::<Vec<_>>())
+            .bind(f.log.iter().map(|e| e.body.as_ref()).collect::<Vec<Option<&Value>>>())
             .bind(dpus)
             .bind(selectors)
             .bind(prev)
@@ -288,10 +296,10 @@ impl WriteTx for PgWriteTx {
                 "INSERT INTO ip_allocations (network, address, namespace, name, revision) \
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[])",
             )
-            .bind(f.allocations.iter().map(|a| a.network.clone()).collect::<Vec<_>>())
-            .bind(f.allocations.iter().map(|a| a.address.clone()).collect::<Vec<_>>())
-            .bind(f.allocations.iter().map(|a| a.namespace.clone()).collect::<Vec<_>>())
-            .bind(f.allocations.iter().map(|a| a.name.clone()).collect::<Vec<_>>())
+            .bind(f.allocations.iter().map(|a| a.network.as_str()).collect::<Vec<_>>())
+            .bind(f.allocations.iter().map(|a| a.address.as_str()).collect::<Vec<_>>())
+            .bind(f.allocations.iter().map(|a| a.namespace.as_str()).collect::<Vec<_>>())
+            .bind(f.allocations.iter().map(|a| a.name.as_str()).collect::<Vec<_>>())
             .bind(f.allocations.iter().map(|a| a.revision).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
@@ -301,7 +309,7 @@ impl WriteTx for PgWriteTx {
                 "INSERT INTO ip_pools (network, next_offset) SELECT * FROM UNNEST($1::text[], $2::text[]) \
                  ON CONFLICT (network) DO UPDATE SET next_offset = EXCLUDED.next_offset",
             )
-            .bind(f.pool_offsets.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>())
+            .bind(f.pool_offsets.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>())
             .bind(f.pool_offsets.iter().map(|(_, o)| o.to_string()).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
@@ -314,7 +322,7 @@ impl WriteTx for PgWriteTx {
                      lease_duration_ms = EXCLUDED.lease_duration_ms, applied_revision = EXCLUDED.applied_revision, \
                      registered_at = EXCLUDED.registered_at",
             )
-            .bind(f.dpus.iter().map(|d| d.serial.clone()).collect::<Vec<_>>())
+            .bind(f.dpus.iter().map(|d| d.serial.as_str()).collect::<Vec<_>>())
             .bind(f.dpus.iter().map(|d| d.ready).collect::<Vec<_>>())
             .bind(f.dpus.iter().map(|d| d.last_heartbeat).collect::<Vec<_>>())
             .bind(f.dpus.iter().map(|d| d.lease_duration_ms).collect::<Vec<_>>())
@@ -347,12 +355,16 @@ impl WriteTx for PgWriteTx {
             };
         }
         if !f.log.is_empty() || f.force_head {
-            sqlx::query("UPDATE xpu_meta SET revision = $1 WHERE id = 1").bind(f.head).execute(&mut *tx).await?;
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(NOTIFY_CHANNEL)
-                .bind(format!("{}:{}", self.replica, f.head))
-                .execute(&mut *tx)
-                .await?;
+            // One round trip: the new head, and the notification other replicas wake on.
+            sqlx::query(
+                "WITH head AS (UPDATE xpu_meta SET revision = $1 WHERE id = 1 RETURNING revision) \
+                 SELECT pg_notify($2, $3) FROM head",
+            )
+            .bind(f.head)
+            .bind(NOTIFY_CHANNEL)
+            .bind(format!("{}:{}", self.replica, f.head))
+            .execute(&mut *tx)
+            .await?;
         }
         Ok(compacted)
     }

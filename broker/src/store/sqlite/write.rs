@@ -148,13 +148,22 @@ impl WriteTx for SqliteWriteTx {
             .await?)
     }
 
-    async fn allocation_of(&mut self, namespace: String, name: String) -> Result<Option<(String, String)>> {
-        let row = sqlx::query("SELECT network, address FROM ip_allocations WHERE namespace = ? AND name = ?")
-            .bind(namespace)
-            .bind(name)
-            .fetch_optional(self.c())
-            .await?;
-        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    async fn allocations_of(
+        &mut self,
+        netdevs: Vec<(String, String)>,
+    ) -> Result<Vec<(String, String, String, String)>> {
+        let mut out = Vec::new();
+        for (namespace, name) in netdevs {
+            let row = sqlx::query("SELECT network, address FROM ip_allocations WHERE namespace = ? AND name = ?")
+                .bind(&namespace)
+                .bind(&name)
+                .fetch_optional(self.c())
+                .await?;
+            if let Some(r) = row {
+                out.push((namespace, name, r.try_get(0)?, r.try_get(1)?));
+            }
+        }
+        Ok(out)
     }
 
     async fn pool_offset(&mut self, network: String) -> Result<Option<u128>> {
@@ -190,7 +199,7 @@ impl WriteTx for SqliteWriteTx {
             .await?)
     }
 
-    async fn flush(&mut self, f: Flush) -> Result<Compacted> {
+    async fn flush(&mut self, f: &Flush) -> Result<Compacted> {
         let c = self.c();
         for (o, route) in f.objects.iter().zip(&f.routes) {
             let (dpu, selector) = route_columns(route);
