@@ -154,6 +154,33 @@ pub struct BrokerProc {
     pub db_url: String,
     admin_url: String,
     pub log: PathBuf,
+    _analyzer: Analyzer,
+}
+
+/// Refreshes the planner statistics of the broker's database every few seconds while the broker
+/// runs, as autovacuum does on a production server (the local server may run without it; a table
+/// that grew from empty would otherwise be planned as if it were still empty).
+struct Analyzer(tokio::task::JoinHandle<()>);
+
+impl Analyzer {
+    const EVERY: Duration = Duration::from_secs(15);
+
+    fn start(db_url: String) -> Analyzer {
+        Analyzer(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Self::EVERY).await;
+                if let Err(e) = analyze(&db_url).await {
+                    eprintln!("  periodic ANALYZE failed: {e}");
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for Analyzer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl BrokerProc {
@@ -208,6 +235,7 @@ impl BrokerProc {
             grpc,
             http,
             db: db.to_string(),
+            _analyzer: Analyzer::start(db_url.clone()),
             db_url,
             admin_url: admin_url.into(),
             log,

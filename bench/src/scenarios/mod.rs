@@ -74,10 +74,10 @@ impl PhaseMeter {
     /// long-running one has them from autovacuum (a fresh bench database would otherwise be planned
     /// from the statistics of its empty tables).
     pub async fn start(name: &str, broker: Option<&BrokerProc>, server_pid: Option<u32>) -> PhaseMeter {
-        if let Some(b) = broker {
-            if let Err(e) = broker_proc::analyze(&b.db_url).await {
-                eprintln!("  ANALYZE before {name} failed: {e}");
-            }
+        if let Some(b) = broker
+            && let Err(e) = broker_proc::analyze(&b.db_url).await
+        {
+            eprintln!("  ANALYZE before {name} failed: {e}");
         }
         let metrics = match broker {
             Some(b) => Some(b.metrics().await),

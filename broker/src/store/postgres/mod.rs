@@ -54,7 +54,18 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
     MIGRATOR.run(pool).await.map_err(|e| match e {
         sqlx::migrate::MigrateError::Execute(db) => Error::from(db),
         other => Error::internal(format!("migration failed: {other}")),
-    })
+    })?;
+    // Without autovacuum nothing refreshes the planner statistics: tables that grew from empty
+    // keep being planned as empty, and key lookups turn into scans.
+    let autovacuum: Option<String> =
+        sqlx::query_scalar("SELECT current_setting('autovacuum')").fetch_optional(pool).await?;
+    if autovacuum.as_deref() == Some("off") {
+        tracing::warn!(
+            "the PostgreSQL server runs with autovacuum off: run ANALYZE regularly (or turn autovacuum on), \
+             or queries slow down as the tables grow"
+        );
+    }
+    Ok(())
 }
 
 fn kind_of(s: &str) -> Result<Kind> {
