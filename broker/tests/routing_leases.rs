@@ -326,3 +326,64 @@ async fn health_and_reflection_are_served(b: TestBroker) {
     }
     b.stop().await;
 }
+
+conformance!(a_dpu_snapshot_over_many_pages_holds_exactly_its_objects);
+/// A snapshot longer than one page, with fabric kinds ordered before (LogicalBridge) and after
+/// (Vrf) the Netdevs: the DPU gets each of its Netdevs and each fabric object exactly once, and
+/// none of another DPU's Netdevs.
+async fn a_dpu_snapshot_over_many_pages_holds_exactly_its_objects(b: TestBroker) {
+    register(&b, "dpu-a").await;
+    register(&b, "dpu-b").await;
+    seed_network(&b, "net-a", "10.8.0.0/16", "10.8.0.1").await;
+    let mut admin = b.admin().await;
+    admin
+        .apply(apply_req(pb::Resource {
+            kind: Some(pb::resource::Kind::Vrf(pb::Vrf {
+                metadata: meta("vrf-blue", ""),
+                spec: Some(pb::VrfSpec {
+                    vni: Some(500),
+                    loopback_ip_prefix: "10.255.0.1/32".into(),
+                    ..Default::default()
+                }),
+                status: None,
+            })),
+        }))
+        .await
+        .unwrap();
+    let mut expected = vec!["lb-10".to_string(), "vrf-blue".to_string()];
+    for vf in 0..1100 {
+        let serial = if vf % 10 == 0 { "dpu-b" } else { "dpu-a" };
+        let namespace = if vf % 3 == 0 { "team-x" } else { "default" };
+        let nd = mk_netdev(namespace, serial, vf, "node-1", "net-a");
+        admin.apply(apply_req(nd)).await.unwrap();
+        if serial == "dpu-a" {
+            expected.push(format!("{serial}-pf0-vf{vf}"));
+        }
+    }
+    let mut stream = b
+        .agent("dpu-a")
+        .await
+        .watch_desired(pb::WatchDesiredRequest { serial: "dpu-a".into(), since_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut names = Vec::new();
+    loop {
+        let ev = next_change(&mut stream, Duration::from_secs(10)).await.expect("the snapshot ends");
+        match ev.event {
+            Some(E::Change(c)) => {
+                names.push(xpu_broker::model::convert::resource_key(c.object.as_ref().unwrap()).unwrap().name)
+            }
+            Some(E::SnapshotEnd(_)) => break,
+            Some(E::Resync(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let received = names.len();
+    names.sort();
+    names.dedup();
+    assert_eq!(received, names.len(), "every object once");
+    expected.sort();
+    assert_eq!(names, expected);
+    b.stop().await;
+}

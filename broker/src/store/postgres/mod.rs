@@ -350,11 +350,26 @@ impl Snapshot {
         let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
         let (ak, ans, an) =
             after.map(|k| (k.kind.as_str().to_string(), k.namespace.clone(), k.name.clone())).unwrap_or_default();
-        let sql = format!(
-            "SELECT {OBJECT_COLUMNS} FROM objects o WHERE o.kind = ANY($1) AND o.deleted_revision IS NULL \
-             AND ($2::text IS NULL OR o.kind <> 'Netdev' OR o.dpu = $2) \
-             AND (o.kind, o.namespace, o.name) > ($3, $4, $5) ORDER BY o.kind, o.namespace, o.name LIMIT $6"
-        );
+        let after_cond = "o.deleted_revision IS NULL AND (o.kind, o.namespace, o.name) > ($3, $4, $5)";
+        let order = "ORDER BY o.kind, o.namespace, o.name LIMIT $6";
+        let sql = if dpu.is_some() {
+            // A DPU's Netdevs come from its own index entries, never from a scan of every Netdev;
+            // the other kinds from the primary key; the two merged in key order.
+            format!(
+                "SELECT * FROM ( \
+                 (SELECT {OBJECT_COLUMNS} FROM objects o WHERE o.kind = ANY($1) AND o.kind <> 'Netdev' \
+                  AND {after_cond} {order}) \
+                 UNION ALL \
+                 (SELECT {OBJECT_COLUMNS} FROM objects o WHERE o.dpu = $2 AND o.kind = 'Netdev' \
+                  AND 'Netdev' = ANY($1) AND {after_cond} {order}) \
+                 ) o {order}"
+            )
+        } else {
+            format!(
+                "SELECT {OBJECT_COLUMNS} FROM objects o WHERE o.kind = ANY($1) AND ($2::text IS NULL) \
+                 AND {after_cond} {order}"
+            )
+        };
         let rows = sqlx::query(&sql)
             .bind(kinds)
             .bind(dpu)
