@@ -347,38 +347,47 @@ impl Snapshot {
         after: Option<&Key>,
         limit: usize,
     ) -> Result<Vec<StoredObject>> {
-        let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
         let (ak, ans, an) =
             after.map(|k| (k.kind.as_str().to_string(), k.namespace.clone(), k.name.clone())).unwrap_or_default();
         let after_cond = "o.deleted_revision IS NULL AND (o.kind, o.namespace, o.name) > ($3, $4, $5)";
         let order = "ORDER BY o.kind, o.namespace, o.name LIMIT $6";
-        let sql = if dpu.is_some() {
-            // A DPU's Netdevs come from its own index entries, never from a scan of every Netdev;
-            // the other kinds from the primary key; the two merged in key order.
-            format!(
-                "SELECT * FROM ( \
-                 (SELECT {OBJECT_COLUMNS} FROM objects o WHERE o.kind = ANY($1) AND o.kind <> 'Netdev' \
-                  AND {after_cond} {order}) \
-                 UNION ALL \
-                 (SELECT {OBJECT_COLUMNS} FROM objects o WHERE o.dpu = $2 AND o.kind = 'Netdev' \
-                  AND 'Netdev' = ANY($1) AND {after_cond} {order}) \
-                 ) o {order}"
-            )
-        } else {
-            format!(
-                "SELECT {OBJECT_COLUMNS} FROM objects o WHERE o.kind = ANY($1) AND ($2::text IS NULL) \
-                 AND {after_cond} {order}"
-            )
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = match dpu {
+            Some(serial) => {
+                // A DPU holds a few of the fleet's Netdevs: they come from its own index entries
+                // (materialized, so the planner cannot walk every Netdev in key order looking for
+                // them), the other kinds from the primary key; the two merged in key order.
+                let others: Vec<&str> = kinds.iter().filter(|k| **k != Kind::Netdev).map(|k| k.as_str()).collect();
+                let sql = format!(
+                    "WITH nd AS MATERIALIZED ( \
+                       SELECT {OBJECT_COLUMNS} FROM objects o \
+                       WHERE o.dpu = $2 AND o.kind = 'Netdev' AND $7 AND {after_cond}) \
+                     SELECT * FROM ( \
+                       (SELECT {OBJECT_COLUMNS} FROM objects o WHERE o.kind = ANY($1) AND {after_cond} {order}) \
+                       UNION ALL \
+                       (SELECT * FROM nd o {order}) \
+                     ) o {order}"
+                );
+                sqlx::query(&sql)
+                    .bind(others)
+                    .bind(serial)
+                    .bind(ak)
+                    .bind(ans)
+                    .bind(an)
+                    .bind(limit)
+                    .bind(kinds.contains(&Kind::Netdev))
+                    .fetch_all(&mut *self.tx)
+                    .await?
+            }
+            None => {
+                let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+                let sql = format!(
+                    "SELECT {OBJECT_COLUMNS} FROM objects o WHERE o.kind = ANY($1) AND o.deleted_revision IS NULL \
+                     AND (o.kind, o.namespace, o.name) > ($2, $3, $4) ORDER BY o.kind, o.namespace, o.name LIMIT $5"
+                );
+                sqlx::query(&sql).bind(kinds).bind(ak).bind(ans).bind(an).bind(limit).fetch_all(&mut *self.tx).await?
+            }
         };
-        let rows = sqlx::query(&sql)
-            .bind(kinds)
-            .bind(dpu)
-            .bind(ak)
-            .bind(ans)
-            .bind(an)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&mut *self.tx)
-            .await?;
         let rows = rows.iter().map(object_row).collect::<Result<Vec<_>>>()?;
         // Statuses are read in the same snapshot as the objects.
         complete_in(&mut self.tx, rows).await
