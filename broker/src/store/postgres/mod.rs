@@ -354,18 +354,19 @@ impl Snapshot {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = match dpu {
             Some(serial) => {
-                // A DPU holds a few of the fleet's Netdevs: they come from its own index entries
-                // (materialized, so the planner cannot walk every Netdev in key order looking for
-                // them), the other kinds from the primary key; the two merged in key order.
+                // A DPU holds a few of the fleet's Netdevs: all of them come from its own index
+                // entries and are paged after materializing (with the page bound in the scan, the
+                // planner may walk every Netdev in key order looking for them); the other kinds
+                // come from the primary key; the two merged in key order.
                 let others: Vec<&str> = kinds.iter().filter(|k| **k != Kind::Netdev).map(|k| k.as_str()).collect();
                 let sql = format!(
                     "WITH nd AS MATERIALIZED ( \
                        SELECT {OBJECT_COLUMNS} FROM objects o \
-                       WHERE o.dpu = $2 AND o.kind = 'Netdev' AND $7 AND {after_cond}) \
+                       WHERE o.dpu = $2 AND o.kind = 'Netdev' AND $7 AND o.deleted_revision IS NULL) \
                      SELECT * FROM ( \
                        (SELECT {OBJECT_COLUMNS} FROM objects o WHERE o.kind = ANY($1) AND {after_cond} {order}) \
                        UNION ALL \
-                       (SELECT * FROM nd o {order}) \
+                       (SELECT * FROM nd o WHERE (o.kind, o.namespace, o.name) > ($3, $4, $5) {order}) \
                      ) o {order}"
                 );
                 sqlx::query(&sql)
