@@ -392,6 +392,7 @@ fn oversized_stdin_is_refused_as_a_decode_error() {
     assert!(!success);
     let out: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(out["code"], code::DECODE, "{stdout}");
-    assert_eq!(out["msg"], "the network configuration on stdin exceeds 1048576 bytes", "{stdout}");
+    assert_eq!(out["msg"], "failed to decode the network configuration", "{stdout}");
+    assert_eq!(out["details"], "stdin exceeds 1048576 bytes", "{stdout}");
     assert!(started.elapsed() < std::time::Duration::from_secs(30), "{:?}", started.elapsed());
 }

@@ -14,10 +14,10 @@ fn main() -> std::process::ExitCode {
     if env.get("CNI_COMMAND").map(String::as_str) != Some("VERSION") {
         let refused = match std::io::stdin().take(MAX_STDIN + 1).read_to_string(&mut stdin) {
             Err(e) => Some(CniError::new(code::IO, format!("reading stdin: {e}"))),
-            Ok(n) if n as u64 > MAX_STDIN => Some(CniError::new(
-                code::DECODE,
-                format!("the network configuration on stdin exceeds {MAX_STDIN} bytes"),
-            )),
+            Ok(n) if n as u64 > MAX_STDIN => Some(
+                CniError::new(code::DECODE, "failed to decode the network configuration")
+                    .with_details(format!("stdin exceeds {MAX_STDIN} bytes")),
+            ),
             Ok(_) => None,
         };
         if let Some(err) = refused {
