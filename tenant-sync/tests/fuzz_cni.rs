@@ -144,7 +144,9 @@ fn env_value() -> BoxedStrategy<String> {
     prop_oneof![
         4 => "[a-z0-9]{1,12}",
         1 => Just(String::new()),
-        1 => ".{0,16}".prop_filter("not a path", |s| !s.contains('/') && !s.contains("..") && !s.contains('\0')),
+        1 => ".{0,16}".prop_filter("no NUL", |s| !s.contains('\0')),
+        1 => prop::sample::select(vec!["../../etc", "a/b", ".", "..", "eth 0", "net:1", "x-very-long-ifname0"])
+            .prop_map(str::to_string),
     ]
     .boxed()
 }
@@ -212,6 +214,22 @@ fn expected(env: &HashMap<String, String>, stdin: &str) -> Option<(u32, Vec<Stri
     let missing: Vec<String> = required.iter().filter(|k| var(k).is_none()).map(|k| k.to_string()).collect();
     if !missing.is_empty() {
         return Some((code::INVALID_ENV, missing));
+    }
+    // The spec's forms, written independently of the plugin's checks.
+    let id = var("CNI_CONTAINERID").unwrap_or_default();
+    let id_ok = id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !id_ok {
+        return Some((code::INVALID_ENV, vec!["CNI_CONTAINERID".into()]));
+    }
+    let ifname = var("CNI_IFNAME").unwrap_or_default();
+    let ifname_ok = !ifname.is_empty()
+        && ifname.len() <= 15
+        && ifname != "."
+        && ifname != ".."
+        && !ifname.chars().any(|c| "/:".contains(c) || c.is_whitespace());
+    if !ifname_ok {
+        return Some((code::INVALID_ENV, vec!["CNI_IFNAME".into()]));
     }
     None
 }
@@ -395,4 +413,35 @@ fn oversized_stdin_is_refused_as_a_decode_error() {
     assert_eq!(out["msg"], "failed to decode the network configuration", "{stdout}");
     assert_eq!(out["details"], "stdin exceeds 1048576 bytes", "{stdout}");
     assert!(started.elapsed() < std::time::Duration::from_secs(30), "{:?}", started.elapsed());
+}
+
+/// A container id or interface name that could lead the plugin's cache file out of its
+/// directory is refused before anything is read or written, naming the variable.
+#[test]
+fn container_ids_and_interface_names_that_are_not_the_specs_are_refused() {
+    let conf = format!("{{\"cniVersion\":\"1.0.0\",\"name\":\"n\",\"hostAgentSocket\":{:?}}}", socket());
+    for (var, value, msg) in [
+        ("CNI_CONTAINERID", "../../etc/passwd", "CNI_CONTAINERID \"../../etc/passwd\" is not a valid container id"),
+        ("CNI_CONTAINERID", "-c1", "CNI_CONTAINERID \"-c1\" is not a valid container id"),
+        ("CNI_IFNAME", "../x", "CNI_IFNAME \"../x\" is not a valid interface name"),
+        ("CNI_IFNAME", "net1:0", "CNI_IFNAME \"net1:0\" is not a valid interface name"),
+        ("CNI_IFNAME", "name-of-16-bytes", "CNI_IFNAME \"name-of-16-bytes\" is not a valid interface name"),
+        ("CNI_IFNAME", "name-of-15-byte", "CNI_IFNAME \"name-of-15-byte\" is not a valid interface name"),
+    ] {
+        for command in ["ADD", "DEL", "CHECK"] {
+            let mut env = add_env();
+            env.insert("CNI_COMMAND".into(), command.into());
+            env.insert(var.into(), value.into());
+            let (stdout, success) = run_binary(&env, conf.as_bytes());
+            let out: Value = serde_json::from_str(&stdout).unwrap();
+            if value == "name-of-15-byte" {
+                // 15 bytes: allowed; the call fails later (no such namespace or host agent).
+                assert_ne!(out["msg"], msg, "{stdout}");
+                continue;
+            }
+            assert!(!success, "{command} {var}={value}: {stdout}");
+            assert_eq!(out["code"], code::INVALID_ENV, "{stdout}");
+            assert_eq!(out["msg"], msg, "{stdout}");
+        }
+    }
 }

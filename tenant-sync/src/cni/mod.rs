@@ -36,13 +36,32 @@ impl Invocation<'_> {
         self.env.get(name).map(String::as_str).filter(|s| !s.is_empty())
     }
 
+    /// The variables must be set; the container id and interface name must also be well formed
+    /// (spec 1.0.0), since they name the plugin's cache file.
     fn require(&self, names: &[&str]) -> Result<(), CniError> {
         let missing: Vec<&str> = names.iter().copied().filter(|n| self.var(n).is_none()).collect();
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(CniError::new(code::INVALID_ENV, format!("required env variables [{}] missing", missing.join(" "))))
+        if !missing.is_empty() {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("required env variables [{}] missing", missing.join(" ")),
+            ));
         }
+        if let Some(id) = self.var("CNI_CONTAINERID")
+            && !valid_container_id(id)
+        {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("CNI_CONTAINERID {id:?} is not a valid container id"),
+            )
+            .with_details("it must start with a letter or digit and hold only letters, digits, '_', '.' and '-'"));
+        }
+        if let Some(name) = self.var("CNI_IFNAME")
+            && !valid_ifname(name)
+        {
+            return Err(CniError::new(code::INVALID_ENV, format!("CNI_IFNAME {name:?} is not a valid interface name"))
+                .with_details("it must be 1-15 bytes, not '.' or '..', without '/', ':' or whitespace"));
+        }
+        Ok(())
     }
 
     /// `K=V;K2=V2`.
@@ -110,6 +129,22 @@ fn dispatch(inv: &Invocation<'_>, stdin: &str) -> Result<String, CniError> {
         }
         other => Err(CniError::new(code::INVALID_ENV, format!("unknown CNI_COMMAND: {other}"))),
     }
+}
+
+/// A container id as the CNI spec allows it: `[A-Za-z0-9][A-Za-z0-9_.-]*`.
+pub fn valid_container_id(id: &str) -> bool {
+    let mut bytes = id.bytes();
+    bytes.next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// An interface name as the CNI spec allows it: 1-15 bytes, not `.` or `..`, no `/`, `:` or
+/// whitespace.
+pub fn valid_ifname(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
 }
 
 fn cache_path(conf: &NetConf, container: &str, ifname: &str) -> PathBuf {
