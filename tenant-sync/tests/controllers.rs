@@ -143,11 +143,42 @@ async fn objects_flow_between_the_clusters_and_the_broker(pool: PgPool) {
         .create(&PostParams::default(), &serde_json::from_value(net).unwrap())
         .await
         .unwrap();
-    eventually(Duration::from_secs(20), "the network in the broker", || {
-        let mut admin = admin.clone();
-        async move { get(&mut admin, pb::Kind::XpuNetwork, "", "tenant-a").await }
+    let network_in_broker = |name: &'static str| {
+        let admin = admin.clone();
+        let isync = &_isync;
+        async move {
+            let mut waited = Duration::ZERO;
+            while get(&mut admin.clone(), pb::Kind::XpuNetwork, "", name).await.is_none() {
+                assert!(
+                    waited < Duration::from_secs(20),
+                    "network {name} never reached the broker; infra-sync:\n{}",
+                    isync.log_text()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                waited += Duration::from_millis(100);
+            }
+        }
+    };
+    network_in_broker("tenant-a").await;
+    // A network created before the bridge it names is refused at first, and carried up once the
+    // bridge reaches the broker.
+    let early = json!({"apiVersion": "xpu.opi.dev/v1alpha1", "kind": "XpuNetwork", "metadata": {"name": "tenant-b"},
+        "spec": {"logicalBridges": ["lb-20"], "ipam": {"cidr": "10.31.0.0/24", "gateway": "10.31.0.1"}}});
+    api(&infra, pb::Kind::XpuNetwork, None)
+        .create(&PostParams::default(), &serde_json::from_value(early).unwrap())
+        .await
+        .unwrap();
+    wait_obj(&api(&infra, pb::Kind::XpuNetwork, None), "tenant-b", "the refusal on tenant-b", |v| {
+        v["status"]["conditions"][0]["reason"] == "Refused"
     })
     .await;
+    let lb20 = json!({"apiVersion": "xpu.opi.dev/v1alpha1", "kind": "LogicalBridge", "metadata": {"name": "lb-20"},
+        "spec": {"vlanId": 20, "vni": 1020}});
+    api(&infra, pb::Kind::LogicalBridge, None)
+        .create(&PostParams::default(), &serde_json::from_value(lb20).unwrap())
+        .await
+        .unwrap();
+    network_in_broker("tenant-b").await;
     // ...and the tenant cluster gets a read-only mirror of the network.
     wait_obj(&api(&tenant, pb::Kind::XpuNetwork, None), "tenant-a", "the network mirrored to the tenant", |v| {
         v["metadata"]["labels"]["xpu.opi.dev/mirror"] == "true" && v["spec"]["ipam"]["cidr"] == "10.30.0.0/24"

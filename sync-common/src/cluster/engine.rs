@@ -52,6 +52,12 @@ pub struct Engine {
     queue: Mutex<BTreeSet<ObjRef>>,
     wake: Notify,
     put_backs: Mutex<HashMap<ObjRef, Vec<Instant>>>,
+    /// Objects the broker refused (e.g. a reference to an object it does not hold yet). Each
+    /// time the broker accepts another object they are tried once more: the accepted one may be
+    /// what they were missing.
+    refused: Mutex<BTreeSet<ObjRef>>,
+    /// Refused objects due for that one more try.
+    retry: Mutex<BTreeSet<ObjRef>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -114,6 +120,8 @@ impl Engine {
             queue: Mutex::default(),
             wake: Notify::new(),
             put_backs: Mutex::default(),
+            refused: Mutex::default(),
+            retry: Mutex::default(),
             metrics,
         }
     }
@@ -121,6 +129,22 @@ impl Engine {
     pub fn enqueue(&self, key: ObjRef) {
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
         self.wake.notify_one();
+    }
+
+    /// After `accepted` reached the broker: every other refused object gets one more try.
+    fn retry_refused(&self, accepted: &ObjRef) {
+        let due: Vec<ObjRef> = {
+            let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+            refused.remove(accepted);
+            std::mem::take(&mut *refused).into_iter().collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        self.retry.lock().unwrap_or_else(|p| p.into_inner()).extend(due.iter().cloned());
+        for key in due {
+            self.enqueue(key);
+        }
     }
 
     pub fn queue_len(&self) -> usize {
@@ -285,8 +309,10 @@ impl Engine {
         }
         let generation = obj.metadata.generation;
         let b = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned();
-        let in_sync =
-            synced_generation(&obj) == generation && b.as_ref().is_none_or(|b| b.spec_author == self.own_author());
+        let retrying = self.retry.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+        let in_sync = !retrying
+            && synced_generation(&obj) == generation
+            && b.as_ref().is_none_or(|b| b.spec_author == self.own_author());
         if !in_sync {
             let res = match kinds::to_resource(key.kind, &obj, &[]) {
                 Ok(r) => r,
@@ -307,6 +333,7 @@ impl Engine {
                         cache.insert(key.clone(), a);
                     }
                     self.metrics.carried_up.fetch_add(1, Ordering::Relaxed);
+                    self.retry_refused(key);
                 }
                 Err(s)
                     if matches!(
@@ -319,6 +346,7 @@ impl Engine {
                 {
                     // The broker refused it for what it is: say so, and wait for the next edit.
                     tracing::warn!(object = %key, error = %s.message(), "the broker refused the object");
+                    self.refused.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone());
                     let cond = condition("False", "Refused", s.message(), generation);
                     return self
                         .patch_status(api, key, json!({"syncedGeneration": generation, "conditions": [cond]}))
