@@ -30,16 +30,13 @@ pub(super) struct PoolState {
 impl PoolState {
     /// Asks the database about the addresses of `addrs` not checked yet.
     async fn check<T: WriteTx>(&mut self, tx: &mut T, network: &str, addrs: &[IpAddr]) -> Result<()> {
-        let unknown: Vec<String> =
-            addrs.iter().filter(|ip| !self.checked.contains_key(ip)).map(ToString::to_string).collect();
+        let unknown: Vec<IpAddr> = addrs.iter().copied().filter(|ip| !self.checked.contains_key(ip)).collect();
         if unknown.is_empty() {
             return Ok(());
         }
-        let mut taken = tx.taken(network.to_string(), unknown.clone()).await?;
-        for a in unknown {
-            if let Ok(ip) = a.parse() {
-                self.checked.insert(ip, taken.remove(&a));
-            }
+        let mut taken = tx.taken(network.to_string(), unknown.iter().map(ToString::to_string).collect()).await?;
+        for ip in unknown {
+            self.checked.insert(ip, taken.remove(&ip.to_string()));
         }
         Ok(())
     }
