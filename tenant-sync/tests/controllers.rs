@@ -146,18 +146,14 @@ async fn objects_flow_between_the_clusters_and_the_broker(pool: PgPool) {
     let network_in_broker = |name: &'static str| {
         let admin = admin.clone();
         let isync = &_isync;
-        async move {
-            let mut waited = Duration::ZERO;
-            while get(&mut admin.clone(), pb::Kind::XpuNetwork, "", name).await.is_none() {
-                assert!(
-                    waited < Duration::from_secs(20),
-                    "network {name} never reached the broker; infra-sync:\n{}",
-                    isync.log_text()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                waited += Duration::from_millis(100);
-            }
-        }
+        eventually_explained(
+            Duration::from_secs(20),
+            move || format!("network {name} never reached the broker; infra-sync:\n{}", isync.log_text()),
+            move || {
+                let mut admin = admin.clone();
+                async move { get(&mut admin, pb::Kind::XpuNetwork, "", name).await }
+            },
+        )
     };
     network_in_broker("tenant-a").await;
     // A network created before the bridge it names is refused at first, and carried up once the

@@ -299,7 +299,16 @@ impl Drop for Agent {
 }
 
 /// Polls `f` until it returns Some, or panics with `what` after `within`.
-pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    eventually_explained(within, || format!("timed out waiting for {what}"), f).await
+}
+
+/// As [`eventually`], panicking with what `explain` says at the deadline (e.g. a process log).
+pub async fn eventually_explained<T, F, Fut>(within: Duration, explain: impl FnOnce() -> String, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -309,7 +318,9 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        if tokio::time::Instant::now() >= deadline {
+            panic!("{}", explain());
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
