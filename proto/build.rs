@@ -34,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::codec::BrokerCodec")
         .emit_rerun_if_changed(false)
         .compile_fds(broker)?;
     pbjson_build::Builder::new().register_descriptors(&descriptor_bytes)?.build(&[".xpu.broker.v1"])?;

@@ -97,6 +97,9 @@ pub static CHANGES_DELETED: AtomicU64 = AtomicU64::new(0);
 pub static COMMIT: Histogram = Histogram::new(LATENCY_BOUNDS);
 pub static BATCHES: AtomicU64 = AtomicU64::new(0);
 pub static BATCH_REQUESTS: AtomicU64 = AtomicU64::new(0);
+pub static RENEWAL_BATCHES: AtomicU64 = AtomicU64::new(0);
+pub static RENEWALS: AtomicU64 = AtomicU64::new(0);
+pub static RENEWAL: Histogram = Histogram::new(LATENCY_BOUNDS);
 pub static ATTACH_FAILURES: AtomicU64 = AtomicU64::new(0);
 pub static HANDSHAKE_FAILURES: AtomicU64 = AtomicU64::new(0);
 pub static LEASES_LAPSED: AtomicU64 = AtomicU64::new(0);
@@ -106,6 +109,12 @@ pub fn record_batch(size: usize, took: Duration) {
     BATCH_SIZE.observe_value(size as f64);
     BATCH_REQUESTS.fetch_add(size as u64, Ordering::Relaxed);
     COMMIT.observe(took);
+}
+
+pub fn record_renewals(size: usize, took: Duration) {
+    RENEWAL_BATCHES.fetch_add(1, Ordering::Relaxed);
+    RENEWALS.fetch_add(size as u64, Ordering::Relaxed);
+    RENEWAL.observe(took);
 }
 
 pub fn record_attach(took: Duration, ok: bool) {
@@ -283,6 +292,8 @@ pub fn render(g: &Gauges) -> String {
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
     line("xpu_store_batches_total", "Write transactions committed.", "counter", load(&BATCHES));
     line("xpu_store_batch_requests_total", "Write requests handled in batches.", "counter", load(&BATCH_REQUESTS));
+    line("xpu_lease_renewal_batches_total", "Lease renewal statements run.", "counter", load(&RENEWAL_BATCHES));
+    line("xpu_lease_renewals_total", "Heartbeats handled by the lease renewer.", "counter", load(&RENEWALS));
     line("xpu_attach_failures_total", "AttachNetdev calls that failed.", "counter", load(&ATTACH_FAILURES));
     line("xpu_tls_handshake_failures_total", "Refused TLS handshakes.", "counter", load(&HANDSHAKE_FAILURES));
     line("xpu_lease_expirations_total", "DPU leases that lapsed.", "counter", load(&LEASES_LAPSED));
@@ -323,6 +334,7 @@ pub fn render(g: &Gauges) -> String {
         "From a Netdev spec change to the first status its DPU reports for that generation.",
     );
     COMMIT.render(&mut out, "xpu_store_commit_duration_seconds", "Duration of one group commit.");
+    RENEWAL.render(&mut out, "xpu_lease_renewal_duration_seconds", "Duration of one lease renewal statement.");
     BATCH_SIZE.render(&mut out, "xpu_store_batch_size", "Write requests per group commit.");
     process::render(&mut out);
     out

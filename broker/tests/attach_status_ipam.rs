@@ -371,3 +371,54 @@ async fn host_mode_addresses_are_reserved_in_the_pool(b: TestBroker) {
     assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
     b.stop().await;
 }
+
+conformance!(the_allocator_finds_freed_addresses_past_many_taken_ones);
+/// The allocator is next-fit from the pool's stored offset: with the pool full but for two freed
+/// addresses far apart, new Netdevs get exactly those two (the search wraps around and crosses
+/// windows of addresses that are all taken), and the next one is refused as exhausted.
+async fn the_allocator_finds_freed_addresses_past_many_taken_ones(b: TestBroker) {
+    // A /25 holds 126 host addresses; the gateway leaves 125.
+    seed_network(&b, "wide", "10.9.0.0/25", "10.9.0.1").await;
+    let mut admin = b.admin().await;
+    let name = |i: u32| (format!("dpu-{}", i / 50), i % 50);
+    // Concurrent writes land in shared transactions as well as in their own.
+    let mut tasks = Vec::new();
+    for i in 0..125u32 {
+        let mut admin = admin.clone();
+        let (serial, vf) = name(i);
+        tasks.push(tokio::spawn(async move {
+            let res = admin.apply(apply_req(mk_netdev("pods", &serial, vf, "node-1", "wide"))).await.unwrap();
+            netdev_of(&res.into_inner().object.unwrap()).spec.unwrap().ipam.unwrap().address
+        }));
+    }
+    let mut by_address = std::collections::HashMap::new();
+    for (i, t) in (0u32..).zip(tasks) {
+        assert!(by_address.insert(t.await.unwrap(), i).is_none(), "an address handed out twice");
+    }
+    assert_eq!(by_address.len(), 125);
+    // Free two addresses far apart (.4 and .100), then ask for two more and one too many.
+    let mut freed = Vec::new();
+    for addr in ["10.9.0.4/25", "10.9.0.100/25"] {
+        let (serial, vf) = name(by_address[addr]);
+        admin
+            .delete(pb::DeleteRequest {
+                key: Some(key(pb::Kind::Netdev, "pods", &format!("{serial}-pf0-vf{vf}"))),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        freed.push(addr.to_string());
+    }
+    let mut got = Vec::new();
+    for vf in 0..2u32 {
+        let res = admin.apply(apply_req(mk_netdev("pods", "dpu-new", vf, "node-1", "wide"))).await.unwrap();
+        got.push(netdev_of(&res.into_inner().object.unwrap()).spec.unwrap().ipam.unwrap().address);
+    }
+    got.sort();
+    freed.sort();
+    assert_eq!(got, freed);
+    let err = admin.apply(apply_req(mk_netdev("pods", "dpu-new", 2, "node-1", "wide"))).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("address pool of XpuNetwork wide is exhausted"), "{}", err.message());
+    b.stop().await;
+}

@@ -6,6 +6,8 @@
 //! - [`opi`]: the OPI EVPN gateway API (`opi_api.network.evpn_gw.v1alpha1` and the
 //!   `opinetcommon` types it uses), wire-compatible with OPI's own definitions.
 
+pub mod codec;
+
 pub mod broker {
     pub mod v1 {
         #![allow(clippy::all, clippy::pedantic, missing_docs)]

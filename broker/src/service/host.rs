@@ -96,11 +96,16 @@ pub async fn attach(ctx: &Context, id: &Identity, req: pb::AttachNetdevRequest) 
         .apply(ApplyRequest { input, expected_generation: 0, author: id.to_string(), node: Some(node.clone()) })
         .await?;
     let generation = outcome.object.generation;
+    let routes = outcome
+        .network
+        .as_ref()
+        .map(|n| n.routes.clone())
+        .ok_or_else(|| Error::internal("a Netdev write came back without its network"))?;
     // A changed spec has no status at its generation yet; an unchanged one may be done already.
     let mut nd = if outcome.changed { netdev_of(&outcome.object)? } else { current(ctx, &key).await? };
     loop {
         let phase = match progress(&nd, generation) {
-            Progress::Connected => return respond(ctx, nd).await,
+            Progress::Connected => return Ok(respond(nd, routes)),
             Progress::Failed(msg) => {
                 let dpu = nd.status.as_ref().map(|s| s.dpu.clone()).unwrap_or_default();
                 return Err(Error::FailedPrecondition(format!("dpu {dpu} could not program {key}: {msg}")));
@@ -160,14 +165,11 @@ async fn current(ctx: &Context, key: &Key) -> Result<pb::Netdev> {
     netdev_of(&obj)
 }
 
-async fn respond(ctx: &Context, nd: pb::Netdev) -> Result<pb::AttachNetdevResponse> {
+/// The attach result: the netdev and how the pod's interface is set up (`routes` are the
+/// network's as the Netdev's write saw them).
+fn respond(nd: pb::Netdev, routes: Vec<pb::Route>) -> pb::AttachNetdevResponse {
     let spec = nd.spec.clone().unwrap_or_default();
     let status = nd.status.clone().unwrap_or_default();
-    let network = ctx.store.get_spec(&Key::cluster(Kind::XpuNetwork, &spec.network)).await?;
-    let routes = match network.as_ref().map(|n| n.typed_spec()).transpose()? {
-        Some(Spec::XpuNetwork(n)) => n.routes,
-        _ => vec![],
-    };
     let ipam = spec.ipam.unwrap_or_default();
     let attachment = pb::NetworkAttachment {
         address: if status.ip.is_empty() { ipam.address } else { status.ip },
@@ -176,7 +178,7 @@ async fn respond(ctx: &Context, nd: pb::Netdev) -> Result<pb::AttachNetdevRespon
         mtu: spec.mtu,
         routes,
     };
-    Ok(pb::AttachNetdevResponse { netdev: Some(nd), attachment: Some(attachment) })
+    pb::AttachNetdevResponse { netdev: Some(nd), attachment: Some(attachment) }
 }
 
 pub async fn get(ctx: &Context, id: &Identity, req: pb::GetNetdevRequest) -> Result<pb::Netdev> {

@@ -79,6 +79,13 @@ struct Pending {
     reply: oneshot::Sender<Result<Reply>>,
 }
 
+/// A heartbeat waiting for the lease renewer: answered `true` when the lease was renewed.
+struct Beat {
+    serial: String,
+    applied_revision: i64,
+    reply: oneshot::Sender<Result<bool>>,
+}
+
 /// Where the store lives: Postgres (production, replicas) or an embedded SQLite file.
 #[derive(Clone)]
 pub enum Backend {
@@ -180,6 +187,8 @@ impl Snapshot {
 pub struct Store {
     backend: Backend,
     writer: mpsc::Sender<Pending>,
+    /// Lease renewals outside the writer (Postgres; the embedded store has one writer anyway).
+    renewer: Option<mpsc::Sender<Beat>>,
     config: Arc<StoreConfig>,
     snapshots: Arc<tokio::sync::Semaphore>,
 }
@@ -190,8 +199,16 @@ impl Store {
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let config = Arc::new(config);
         tokio::spawn(writer(backend.clone(), Arc::clone(&config), rx, committed));
+        let renewer = match &backend {
+            Backend::Postgres(pool) => {
+                let (beats, rx) = mpsc::channel(config.queue_capacity);
+                tokio::spawn(renewer(pool.clone(), Arc::clone(&config), rx));
+                Some(beats)
+            }
+            Backend::Sqlite(..) => None,
+        };
         let snapshots = Arc::new(tokio::sync::Semaphore::new(config.max_snapshots.max(1)));
-        Store { backend, writer: tx, config, snapshots }
+        Store { backend, writer: tx, renewer, config, snapshots }
     }
 
     pub fn backend(&self) -> &Backend {
@@ -239,7 +256,18 @@ impl Store {
         }
     }
 
+    /// Renews the DPU's lease. A ready DPU's renewal is one row update batched with other
+    /// renewals, outside the writer; a lapsed lease (its Dpu status changes) or an unknown DPU
+    /// goes through the writer.
     pub async fn heartbeat(&self, serial: &str, applied_revision: i64) -> Result<()> {
+        if let Some(renewer) = &self.renewer {
+            let (reply, rx) = oneshot::channel();
+            let beat = Beat { serial: serial.to_string(), applied_revision: applied_revision.max(0), reply };
+            renewer.send(beat).await.map_err(|_| Error::Unavailable("the lease renewer has stopped".into()))?;
+            if rx.await.map_err(|_| Error::Unavailable("the lease renewer has stopped".into()))?? {
+                return Ok(());
+            }
+        }
         match self.submit(Request::Heartbeat { serial: serial.to_string(), applied_revision }).await? {
             Reply::Heartbeat => Ok(()),
             other => Err(unexpected(&other)),
@@ -528,6 +556,45 @@ async fn writer(
         }
     }
     tracing::debug!("store writer stopped");
+}
+
+/// Group-commits lease renewals: everything waiting (up to `max_batch`) in one statement.
+async fn renewer(pool: PgPool, config: Arc<StoreConfig>, mut rx: mpsc::Receiver<Beat>) {
+    let mut queue: Vec<Beat> = Vec::with_capacity(config.max_batch);
+    while let Some(first) = rx.recv().await {
+        queue.push(first);
+        while queue.len() < config.max_batch {
+            match rx.try_recv() {
+                Ok(b) => queue.push(b),
+                Err(_) => break,
+            }
+        }
+        let batch = std::mem::take(&mut queue);
+        // One row per DPU: the latest applied revision reported wins.
+        let mut latest: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+        for b in &batch {
+            let rev = latest.entry(b.serial.as_str()).or_insert(b.applied_revision);
+            *rev = (*rev).max(b.applied_revision);
+        }
+        let (serials, revisions): (Vec<String>, Vec<i64>) = latest.into_iter().map(|(s, r)| (s.to_string(), r)).unzip();
+        let started = std::time::Instant::now();
+        let result = bounded(config.op_timeout, postgres::renew_leases(&pool, Utc::now(), &serials, &revisions)).await;
+        crate::metrics::record_renewals(batch.len(), started.elapsed());
+        match result {
+            Ok(renewed) => {
+                let renewed: std::collections::HashSet<String> = renewed.into_iter().collect();
+                for b in batch {
+                    let _ = b.reply.send(Ok(renewed.contains(&b.serial)));
+                }
+            }
+            Err(err) => {
+                for b in batch {
+                    let _ = b.reply.send(Err(duplicate(&err)));
+                }
+            }
+        }
+    }
+    tracing::debug!("lease renewer stopped");
 }
 
 async fn deliver(res: batch::BatchResult, batch: Vec<Pending>, committed: &mpsc::Sender<Committed>) {

@@ -170,6 +170,8 @@ pub struct ApplyRequest {
 pub struct ApplyOutcome {
     pub object: StoredObject,
     pub changed: bool,
+    /// For a Netdev: its XpuNetwork's spec as the write saw it.
+    pub network: Option<pb::XpuNetworkSpec>,
 }
 
 #[derive(Debug)]

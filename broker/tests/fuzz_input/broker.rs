@@ -354,9 +354,10 @@ async fn raw_apply(channel: Channel, body: Vec<u8>) -> Result<Vec<u8>, Status> {
 
 conformance!(undecodable_requests_are_refused_by_the_decoder);
 /// Bytes that are not an `ApplyRequest`: random ones, and unknown groups nested 100,000 deep
-/// (prost's recursion limit, not the stack, stops them). The decoder's refusal is INTERNAL, as
-/// gRPC specifies for a request that does not parse; random bytes that happen to parse are
-/// refused by validation. Nothing is written and the broker keeps serving.
+/// (prost's recursion limit, not the stack, stops them). The decoder refuses them as
+/// INVALID_ARGUMENT saying where decoding stopped (never INTERNAL: the request is at fault);
+/// random bytes that happen to parse are refused by validation. Nothing is written and the
+/// broker keeps serving.
 async fn undecodable_requests_are_refused_by_the_decoder(b: TestBroker) {
     let channel = b.channel("admin/test").await;
     let before = head(&b).await;
@@ -365,7 +366,8 @@ async fn undecodable_requests_are_refused_by_the_decoder(b: TestBroker) {
     let mut deep = vec![0x7b; depth]; // field 15, start group
     deep.extend(std::iter::repeat_n(0x7c, depth)); // field 15, end group
     let e = raw_apply(channel.clone(), deep).await.unwrap_err();
-    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().starts_with("the message does not decode: "), "{e:?}");
     assert!(e.message().contains("recursion limit reached"), "{e:?}");
 
     let rt = tokio::runtime::Handle::current();
@@ -394,8 +396,9 @@ async fn undecodable_requests_are_refused_by_the_decoder(b: TestBroker) {
                 let decoded = pb::ApplyRequest::decode(bytes.as_slice());
                 prop_assert!(decoded.is_ok(), "accepted bytes that do not decode");
             }
-            Err(s) if s.code() == Code::Internal => {
-                prop_assert!(s.message().starts_with("failed to decode Protobuf message"), "{:?}", s);
+            Err(s) if s.message().starts_with("the message does not decode: ") => {
+                prop_assert_eq!(s.code(), Code::InvalidArgument, "{:?}", s);
+                prop_assert!(s.message().contains("failed to decode Protobuf message"), "{:?}", s);
                 prop_assert!(pb::ApplyRequest::decode(bytes.as_slice()).is_err(), "{:?}", s);
             }
             // Bytes that decode reach the service: refused as any bad request is.

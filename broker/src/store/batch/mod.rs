@@ -518,8 +518,9 @@ impl Working<'_> {
             check_node(o, node)?;
         }
         let mut spec = req.input.spec.clone();
+        let mut network = None;
         match &mut spec {
-            Spec::Netdev(nd) => self.prepare_netdev(tx, key, nd, live.as_ref()).await?,
+            Spec::Netdev(nd) => network = Some(self.prepare_netdev(tx, key, nd, live.as_ref()).await?),
             Spec::XpuNetwork(n) => self.check_network(tx, key, n, live.as_ref()).await?,
             Spec::Svi(s) => {
                 self.require(tx, Key::cluster(Kind::Vrf, &s.vrf), "spec.vrf").await?;
@@ -534,7 +535,7 @@ impl Working<'_> {
             _ => {}
         }
         let (row, changed) = self.put_spec(key, &req.input.labels, &spec, &req.author)?;
-        Ok(ApplyOutcome { object: row.into_stored(vec![], None, None), changed })
+        Ok(ApplyOutcome { object: row.into_stored(vec![], None, None), changed, network })
     }
 
     /// Stores a spec and labels, bumping the generation when the spec changed; no-op when

@@ -105,7 +105,7 @@ impl Working<'_> {
         key: &Key,
         nd: &mut pb::NetdevSpec,
         live: Option<&ObjectRow>,
-    ) -> Result<()> {
+    ) -> Result<pb::XpuNetworkSpec> {
         let id = NetdevId::parse(&nd.netdev_id).ok_or_else(|| Error::invalid("spec.netdevId", "is not a netdev id"))?;
         self.ensure_netdev_names(tx, vec![key.name.clone()]).await?;
         if let Some(Some(ns)) = self.netdev_namespaces.get(&key.name)
@@ -153,7 +153,8 @@ impl Working<'_> {
         if nd.mtu == 0 {
             nd.mtu = net.mtu;
         }
-        self.prepare_ipam(tx, key, nd, &net).await
+        self.prepare_ipam(tx, key, nd, &net).await?;
+        Ok(net)
     }
 
     pub(super) async fn current_allocation<T: WriteTx>(
@@ -313,24 +314,49 @@ impl Working<'_> {
                     "the address pool of XpuNetwork {network} is exhausted ({capacity} addresses in use)"
                 )));
             }
-            let addrs: Vec<IpAddr> = window.iter().map(|(ip, _)| *ip).collect();
-            state.check(tx, network, &addrs).await?;
             let undo_offset = super::Undo::PoolOffset(network.to_string(), state.offset, state.offset_dirty);
-            for (ip, next) in &window {
-                if matches!(state.checked.get(ip), Some(None)) {
-                    state.reserved.insert(*ip);
-                    state.offset = *next;
-                    state.offset_dirty = true;
-                    self.journal.push(undo_offset);
-                    self.journal.push(super::Undo::PoolReserved(network.to_string(), *ip));
-                    return Ok(*ip);
+            // Candidates already checked are decided without the database; the first one not
+            // checked yet starts a fresh window of IPAM_WINDOW addresses asked in one round trip
+            // (asking for the window's unknown tail as the offset moves one allocation at a
+            // time would cost a round trip per allocation).
+            let mut unknown_from = None;
+            for (i, (ip, next)) in window.iter().enumerate() {
+                match state.checked.get(ip) {
+                    Some(None) => {
+                        state.reserved.insert(*ip);
+                        state.offset = *next;
+                        state.offset_dirty = true;
+                        self.journal.push(undo_offset);
+                        self.journal.push(super::Undo::PoolReserved(network.to_string(), *ip));
+                        return Ok(*ip);
+                    }
+                    Some(Some(_)) => {}
+                    None => {
+                        unknown_from = Some(if i == 0 { state.offset } else { window[i - 1].1 });
+                        scanned += i as u128;
+                        break;
+                    }
                 }
             }
-            scanned += IPAM_WINDOW as u128;
-            if let Some((_, next)) = window.last() {
-                state.offset = *next;
-                state.offset_dirty = true;
+            match unknown_from {
+                Some(at) => {
+                    state.offset = at;
+                    let addrs: Vec<IpAddr> = pool
+                        .candidates(at, IPAM_WINDOW)
+                        .into_iter()
+                        .map(|(ip, _)| ip)
+                        .filter(|ip| !state.reserved.contains(ip))
+                        .collect();
+                    state.check(tx, network, &addrs).await?;
+                }
+                None => {
+                    scanned += window.len() as u128;
+                    if let Some((_, next)) = window.last() {
+                        state.offset = *next;
+                    }
+                }
             }
+            state.offset_dirty = true;
             self.journal.push(undo_offset);
         }
     }

@@ -2,6 +2,7 @@
 
 use std::{collections::HashMap, str::FromStr, time::Duration};
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{
     PgPool, Postgres, Row, Transaction,
@@ -567,6 +568,29 @@ pub async fn fleet_counts(pool: &PgPool) -> Result<FleetCounts> {
         netdevs_stale: u64::try_from(stale).unwrap_or(0),
         objects_by_kind: pairs(kinds)?,
     })
+}
+
+/// Renews the leases of registered, ready DPUs in one statement, outside the writer (a renewal
+/// changes no object and no revision). Returns the serials renewed; the others (unknown, or
+/// lapsed and so needing a status change) go through the writer.
+pub async fn renew_leases(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    serials: &[String],
+    applied_revisions: &[i64],
+) -> Result<Vec<String>> {
+    let rows = sqlx::query(
+        "UPDATE dpus d SET last_heartbeat = $1, applied_revision = h.applied \
+         FROM UNNEST($2::text[], $3::bigint[]) AS h(serial, applied) \
+         WHERE d.serial = h.serial AND d.ready \
+         RETURNING d.serial",
+    )
+    .bind(now)
+    .bind(serials)
+    .bind(applied_revisions)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
 }
 
 pub async fn ping(pool: &PgPool) -> Result<()> {

@@ -37,10 +37,12 @@ impl WriteTx for PgWriteTx {
 
     async fn load_objects(&mut self, keys: Vec<Key>) -> Result<Vec<ObjectRow>> {
         let (k, ns, n) = key_arrays(&keys);
+        // One primary-key probe per key (the LATERAL with LIMIT is not flattened into a join):
+        // a hash join would scan the table once the batch is large enough to look cheaper.
         let sql = format!(
-            "SELECT {OBJECT_COLUMNS} FROM objects o \
-             JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS k(kind, namespace, name) \
-             ON o.kind = k.kind AND o.namespace = k.namespace AND o.name = k.name"
+            "SELECT o.* FROM UNNEST($1::text[], $2::text[], $3::text[]) AS k(kind, namespace, name) \
+             CROSS JOIN LATERAL (SELECT {OBJECT_COLUMNS} FROM objects o \
+                 WHERE o.kind = k.kind AND o.namespace = k.namespace AND o.name = k.name LIMIT 1) o"
         );
         let rows = sqlx::query(&sql).bind(k).bind(ns).bind(n).fetch_all(&mut *self.tx).await?;
         rows.iter().map(object_row).collect()
@@ -51,9 +53,9 @@ impl WriteTx for PgWriteTx {
         let authors: Vec<String> = pairs.into_iter().map(|(_, a)| a).collect();
         let (k, ns, n) = key_arrays(&keys);
         let rows = sqlx::query(
-            "SELECT s.* FROM statuses s \
-             JOIN UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS k(kind, namespace, name, author) \
-             ON s.kind = k.kind AND s.namespace = k.namespace AND s.name = k.name AND s.author = k.author",
+            "SELECT s.* FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS k(kind, namespace, name, author) \
+             CROSS JOIN LATERAL (SELECT * FROM statuses s WHERE s.kind = k.kind AND s.namespace = k.namespace \
+                 AND s.name = k.name AND s.author = k.author LIMIT 1) s",
         )
         .bind(k)
         .bind(ns)
@@ -66,8 +68,9 @@ impl WriteTx for PgWriteTx {
 
     async fn live_netdev_namespaces(&mut self, names: Vec<String>) -> Result<Vec<(String, String)>> {
         let rows = sqlx::query(
-            "SELECT name, namespace FROM objects \
-             WHERE kind = 'Netdev' AND deleted_revision IS NULL AND name = ANY($1)",
+            "SELECT o.name, o.namespace FROM UNNEST($1::text[]) AS k(name) \
+             CROSS JOIN LATERAL (SELECT name, namespace FROM objects \
+                 WHERE kind = 'Netdev' AND deleted_revision IS NULL AND name = k.name LIMIT 1) o",
         )
         .bind(names)
         .fetch_all(&mut *self.tx)
@@ -76,15 +79,21 @@ impl WriteTx for PgWriteTx {
     }
 
     async fn load_dpus(&mut self, serials: Vec<String>) -> Result<Vec<DpuRow>> {
-        let rows =
-            sqlx::query("SELECT * FROM dpus WHERE serial = ANY($1)").bind(serials).fetch_all(&mut *self.tx).await?;
+        let rows = sqlx::query(
+            "SELECT d.* FROM UNNEST($1::text[]) AS k(serial) \
+                 CROSS JOIN LATERAL (SELECT * FROM dpus WHERE serial = k.serial LIMIT 1) d",
+        )
+        .bind(serials)
+        .fetch_all(&mut *self.tx)
+        .await?;
         rows.iter().map(dpu_row).collect()
     }
 
     async fn lapsed_dpus(&mut self, now: DateTime<Utc>) -> Result<Vec<String>> {
         let rows = sqlx::query(
             "SELECT serial FROM dpus \
-             WHERE ready AND last_heartbeat + lease_duration_ms * interval '1 millisecond' < $1",
+             WHERE ready AND last_heartbeat + lease_duration_ms * interval '1 millisecond' < $1 \
+             FOR UPDATE",
         )
         .bind(now)
         .fetch_all(&mut *self.tx)
@@ -118,8 +127,9 @@ impl WriteTx for PgWriteTx {
     ) -> Result<Vec<(String, String, String, String)>> {
         let (ns, n): (Vec<String>, Vec<String>) = netdevs.into_iter().unzip();
         let rows = sqlx::query(
-            "SELECT a.namespace, a.name, a.network, a.address FROM ip_allocations a \
-             JOIN UNNEST($1::text[], $2::text[]) AS k(namespace, name) ON a.namespace = k.namespace AND a.name = k.name",
+            "SELECT a.namespace, a.name, a.network, a.address FROM UNNEST($1::text[], $2::text[]) AS k(namespace, name) \
+             CROSS JOIN LATERAL (SELECT * FROM ip_allocations \
+                 WHERE namespace = k.namespace AND name = k.name LIMIT 1) a",
         )
         .bind(ns)
         .bind(n)
@@ -283,8 +293,10 @@ impl WriteTx for PgWriteTx {
         if !f.release_allocations.is_empty() {
             let (ns, n): (Vec<String>, Vec<String>) = f.release_allocations.iter().cloned().unzip();
             sqlx::query(
-                "DELETE FROM ip_allocations a USING UNNEST($1::text[], $2::text[]) AS k(namespace, name) \
-                 WHERE a.namespace = k.namespace AND a.name = k.name",
+                "DELETE FROM ip_allocations WHERE ctid = ANY(ARRAY( \
+                     SELECT a.ctid FROM UNNEST($1::text[], $2::text[]) AS k(namespace, name) \
+                     CROSS JOIN LATERAL (SELECT ctid FROM ip_allocations \
+                         WHERE namespace = k.namespace AND name = k.name LIMIT 1) a))",
             )
             .bind(ns)
             .bind(n)
