@@ -231,11 +231,11 @@ fn certificate_cases(ca: &DevCa) -> Vec<Case> {
     let leaf = signed_by(&with_uri(client_params("dpu/dpu-a"), "xpu://dpu/dpu-a"), &ca.pem);
     let mut by_leaf = signed_by(&admin, &leaf);
     by_leaf.cert.push_str(&leaf.cert);
-    handshake("signed by a client certificate", by_leaf, A::CertificateUnknown);
-    // KNOWN GAP, pinned here so that closing it shows up: the CA says "no intermediates"
-    // (pathLenConstraint 0), but webpki keeps only a trust anchor's subject, key and name
-    // constraints, so a CA certificate issued under it (refused as a client above) can still
-    // issue client certificates for any identity, and those get in.
+    // The CA allows no intermediate (pathLenConstraint 0): a client certificate must be issued
+    // by it directly, so a presented chain is not followed.
+    handshake("signed by a client certificate", by_leaf, A::UnknownCA);
+    // A CA certificate issued under it (refused as a client above) cannot issue client
+    // certificates either, whatever it says of itself.
     let mut sub = client_params("sub CA");
     sub.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     sub.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
@@ -243,12 +243,7 @@ fn certificate_cases(ca: &DevCa) -> Vec<Case> {
     let sub = signed_by(&sub, &ca.pem);
     let mut via_sub = signed_by(&admin, &sub);
     via_sub.cert.push_str(&sub.cert);
-    cases.push(Case {
-        name: "issued by a sub-CA despite pathLen 0 (known gap)".into(),
-        pem: via_sub,
-        call: Call::FleetStatus,
-        expect: Expect::Allowed,
-    });
+    handshake("issued by a sub-CA despite the CA's pathLen 0", via_sub, A::UnknownCA);
 
     let unauthenticated = |m: &str| refused(Code::Unauthenticated, m);
     let mut dns_only = client_params("xpu://admin/x");
