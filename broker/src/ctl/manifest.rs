@@ -20,7 +20,69 @@ pub struct ManifestError {
     pub message: String,
 }
 
+/// Deepest flow nesting (`[`, `{`) a manifest may have; the YAML parser's own recursion limit
+/// (128) applies to block nesting.
+const MAX_FLOW_DEPTH: usize = 128;
+
+/// Refuses flow nesting deeper than [`MAX_FLOW_DEPTH`] in one linear pass, before the YAML
+/// scanner (whose work grows with the square of the flow depth) sees it. Quoted scalars and
+/// comments are skipped; a bracket inside a plain scalar counts, which can only make a
+/// pathological document fail sooner.
+fn check_flow_depth(text: &str) -> Result<(), ManifestError> {
+    let (mut depth, mut doc) = (0usize, 1usize);
+    let mut quote: Option<char> = None;
+    let mut comment = false;
+    let mut line_start = true;
+    let mut prev = '\n';
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\n' {
+            comment = false;
+            line_start = true;
+            prev = c;
+            continue;
+        }
+        if line_start && quote.is_none() && depth == 0 && c == '-' && text_starts_marker(&mut chars) {
+            doc += 1;
+        }
+        line_start = false;
+        match quote {
+            Some('\'') if c == '\'' => quote = None,
+            Some('"') if c == '\\' => {
+                chars.next();
+            }
+            Some('"') if c == '"' => quote = None,
+            Some(_) => {}
+            None if comment => {}
+            None => match c {
+                '#' if prev.is_whitespace() => comment = true,
+                '\'' | '"' => quote = Some(c),
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > MAX_FLOW_DEPTH {
+                        return Err(ManifestError {
+                            doc,
+                            message: format!("recursion limit exceeded: flow nesting deeper than {MAX_FLOW_DEPTH}"),
+                        });
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+        prev = c;
+    }
+    Ok(())
+}
+
+/// After a `-` at the start of a line: whether the line is a document marker (`---`).
+fn text_starts_marker(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> bool {
+    let rest: String = chars.clone().take(3).collect();
+    rest.starts_with("--") && rest.chars().nth(2).is_none_or(char::is_whitespace)
+}
+
 pub fn parse(text: &str) -> Result<Vec<pb::Resource>, ManifestError> {
+    check_flow_depth(text)?;
     let mut out = Vec::new();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let doc_no = i + 1;
