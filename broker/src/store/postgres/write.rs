@@ -166,44 +166,7 @@ impl WriteTx for PgWriteTx {
 
     async fn flush(&mut self, f: &Flush) -> Result<Compacted> {
         let tx = &mut *self.tx;
-        if !f.objects.is_empty() {
-            let keys: Vec<Key> = f.objects.iter().map(|o| o.key.clone()).collect();
-            let (k, ns, n) = key_arrays(&keys);
-            let (mut dpus, mut selectors) = (Vec::new(), Vec::new());
-            for route in &f.routes {
-                let (d, s) = route_columns(route);
-                dpus.push(d);
-                selectors.push(s);
-            }
-            sqlx::query(
-                "INSERT INTO objects (kind, namespace, name, uid, generation, revision, labels, spec, dpu, \
-                     selector, spec_author, created_at, updated_at, deleted_revision) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::int8[], $6::int8[], \
-                     $7::jsonb[], $8::jsonb[], $9::text[], $10::jsonb[], $11::text[], $12::timestamptz[], \
-                     $13::timestamptz[], $14::int8[]) \
-                 ON CONFLICT (kind, namespace, name) DO UPDATE SET uid = EXCLUDED.uid, \
-                     generation = EXCLUDED.generation, revision = EXCLUDED.revision, labels = EXCLUDED.labels, \
-                     spec = EXCLUDED.spec, dpu = EXCLUDED.dpu, selector = EXCLUDED.selector, \
-                     spec_author = EXCLUDED.spec_author, created_at = EXCLUDED.created_at, \
-                     updated_at = EXCLUDED.updated_at, deleted_revision = EXCLUDED.deleted_revision",
-            )
-            .bind(k)
-            .bind(ns)
-            .bind(n)
-            .bind(f.objects.iter().map(|o| o.uid).collect::<Vec<Uuid>>())
-            .bind(f.objects.iter().map(|o| o.generation).collect::<Vec<_>>())
-            .bind(f.objects.iter().map(|o| o.revision).collect::<Vec<_>>())
-            .bind(f.objects.iter().map(|o| labels_json(&o.labels)).collect::<Vec<_>>())
-            .bind(f.objects.iter().map(|o| &o.spec).collect::<Vec<&Value>>())
-            .bind(dpus)
-            .bind(selectors)
-            .bind(f.objects.iter().map(|o| o.spec_author.as_str()).collect::<Vec<_>>())
-            .bind(f.objects.iter().map(|o| o.created_at).collect::<Vec<_>>())
-            .bind(f.objects.iter().map(|o| o.updated_at).collect::<Vec<_>>())
-            .bind(f.objects.iter().map(|o| o.deleted_revision).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-        }
+        // Deletes first, each on its own (the combined write below inserts into the same tables).
         if !f.purge_statuses.is_empty() {
             let (k, ns, n) = key_arrays(&f.purge_statuses);
             sqlx::query(
@@ -232,64 +195,6 @@ impl WriteTx for PgWriteTx {
             .execute(&mut *tx)
             .await?;
         }
-        if !f.statuses.is_empty() {
-            let keys: Vec<Key> = f.statuses.iter().map(|s| s.key.clone()).collect();
-            let (k, ns, n) = key_arrays(&keys);
-            sqlx::query(
-                "INSERT INTO statuses (kind, namespace, name, author, observed_generation, seq, revision, status, updated_at) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], \
-                     $7::int8[], $8::jsonb[], $9::timestamptz[]) \
-                 ON CONFLICT (kind, namespace, name, author) DO UPDATE SET \
-                     observed_generation = EXCLUDED.observed_generation, seq = EXCLUDED.seq, \
-                     revision = EXCLUDED.revision, status = EXCLUDED.status, updated_at = EXCLUDED.updated_at",
-            )
-            .bind(k)
-            .bind(ns)
-            .bind(n)
-            .bind(f.statuses.iter().map(|s| s.author.as_str()).collect::<Vec<_>>())
-            .bind(f.statuses.iter().map(|s| s.observed_generation).collect::<Vec<_>>())
-            .bind(f.statuses.iter().map(|s| s.seq).collect::<Vec<_>>())
-            .bind(f.statuses.iter().map(|s| s.revision).collect::<Vec<_>>())
-            .bind(f.statuses.iter().map(|s| &s.status).collect::<Vec<&Value>>())
-            .bind(f.statuses.iter().map(|s| s.updated_at).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !f.log.is_empty() {
-            let keys: Vec<Key> = f.log.iter().map(|e| e.key.clone()).collect();
-            let (k, ns, n) = key_arrays(&keys);
-            let (mut dpus, mut selectors, mut prev) = (Vec::new(), Vec::new(), Vec::new());
-            for e in &f.log {
-                let (d, s) = route_columns(&e.route);
-                dpus.push(d);
-                selectors.push(s);
-                prev.push(e.prev_route.as_ref().and_then(|p| route_columns(p).1));
-            }
-            sqlx::query(
-                "INSERT INTO log (revision, kind, namespace, name, uid, generation, change, author, \
-                     observed_generation, labels, body, dpu, selector, prev_selector, at) \
-                 SELECT * FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::int8[], \
-                     $7::int2[], $8::text[], $9::int8[], $10::jsonb[], $11::jsonb[], $12::text[], $13::jsonb[], \
-                     $14::jsonb[], $15::timestamptz[])",
-            )
-            .bind(f.log.iter().map(|e| e.revision).collect::<Vec<_>>())
-            .bind(k)
-            .bind(ns)
-            .bind(n)
-            .bind(f.log.iter().map(|e| e.uid).collect::<Vec<_>>())
-            .bind(f.log.iter().map(|e| e.generation).collect::<Vec<_>>())
-            .bind(f.log.iter().map(|e| e.change.code()).collect::<Vec<_>>())
-            .bind(f.log.iter().map(|e| e.author.as_str()).collect::<Vec<_>>())
-            .bind(f.log.iter().map(|e| e.observed_generation).collect::<Vec<_>>())
-            .bind(f.log.iter().map(|e| labels_json(&e.labels)).collect::<Vec<_>>())
-            .bind(f.log.iter().map(|e| e.body.as_ref()).collect::<Vec<Option<&Value>>>())
-            .bind(dpus)
-            .bind(selectors)
-            .bind(prev)
-            .bind(f.log.iter().map(|e| e.at).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-        }
         if !f.release_allocations.is_empty() {
             let (ns, n): (Vec<String>, Vec<String>) = f.release_allocations.iter().cloned().unzip();
             sqlx::query(
@@ -300,46 +205,6 @@ impl WriteTx for PgWriteTx {
             )
             .bind(ns)
             .bind(n)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !f.allocations.is_empty() {
-            sqlx::query(
-                "INSERT INTO ip_allocations (network, address, namespace, name, revision) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[])",
-            )
-            .bind(f.allocations.iter().map(|a| a.network.as_str()).collect::<Vec<_>>())
-            .bind(f.allocations.iter().map(|a| a.address.as_str()).collect::<Vec<_>>())
-            .bind(f.allocations.iter().map(|a| a.namespace.as_str()).collect::<Vec<_>>())
-            .bind(f.allocations.iter().map(|a| a.name.as_str()).collect::<Vec<_>>())
-            .bind(f.allocations.iter().map(|a| a.revision).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !f.pool_offsets.is_empty() {
-            sqlx::query(
-                "INSERT INTO ip_pools (network, next_offset) SELECT * FROM UNNEST($1::text[], $2::text[]) \
-                 ON CONFLICT (network) DO UPDATE SET next_offset = EXCLUDED.next_offset",
-            )
-            .bind(f.pool_offsets.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>())
-            .bind(f.pool_offsets.iter().map(|(_, o)| o.to_string()).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !f.dpus.is_empty() {
-            sqlx::query(
-                "INSERT INTO dpus (serial, ready, last_heartbeat, lease_duration_ms, applied_revision, registered_at) \
-                 SELECT * FROM UNNEST($1::text[], $2::bool[], $3::timestamptz[], $4::int8[], $5::int8[], $6::timestamptz[]) \
-                 ON CONFLICT (serial) DO UPDATE SET ready = EXCLUDED.ready, last_heartbeat = EXCLUDED.last_heartbeat, \
-                     lease_duration_ms = EXCLUDED.lease_duration_ms, applied_revision = EXCLUDED.applied_revision, \
-                     registered_at = EXCLUDED.registered_at",
-            )
-            .bind(f.dpus.iter().map(|d| d.serial.as_str()).collect::<Vec<_>>())
-            .bind(f.dpus.iter().map(|d| d.ready).collect::<Vec<_>>())
-            .bind(f.dpus.iter().map(|d| d.last_heartbeat).collect::<Vec<_>>())
-            .bind(f.dpus.iter().map(|d| d.lease_duration_ms).collect::<Vec<_>>())
-            .bind(f.dpus.iter().map(|d| d.applied_revision).collect::<Vec<_>>())
-            .bind(f.dpus.iter().map(|d| d.registered_at).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
@@ -366,18 +231,7 @@ impl WriteTx for PgWriteTx {
                 tombstones_removed: tomb.rows_affected(),
             };
         }
-        if !f.log.is_empty() || f.force_head {
-            // One round trip: the new head, and the notification other replicas wake on.
-            sqlx::query(
-                "WITH head AS (UPDATE xpu_meta SET revision = $1 WHERE id = 1 RETURNING revision) \
-                 SELECT pg_notify($2, $3) FROM head",
-            )
-            .bind(f.head)
-            .bind(NOTIFY_CHANNEL)
-            .bind(format!("{}:{}", self.replica, f.head))
-            .execute(&mut *tx)
-            .await?;
-        }
+        combined_write(tx, f, &self.replica).await?;
         Ok(compacted)
     }
 
@@ -385,4 +239,202 @@ impl WriteTx for PgWriteTx {
         self.tx.commit().await?;
         Ok(())
     }
+}
+
+/// Numbers the parameters of a statement built from optional parts.
+struct Params(usize);
+
+impl Params {
+    /// The next `n` placeholders.
+    fn take(&mut self, n: usize) -> Vec<String> {
+        let out = (self.0 + 1..=self.0 + n).map(|i| format!("${i}")).collect();
+        self.0 += n;
+        out
+    }
+}
+
+/// The inserts and upserts of a flush, each into its own table, and the new head with its
+/// notification: one statement (one round trip) of data-modifying CTEs. No two parts touch the
+/// same table, so their order within the statement does not matter; the foreign key of
+/// `statuses` is checked at the end of the statement, when the objects are in.
+async fn combined_write(tx: &mut sqlx::PgConnection, f: &Flush, replica: &str) -> Result<()> {
+    let mut params = Params(0);
+    let mut parts: Vec<String> = Vec::new();
+    if !f.objects.is_empty() {
+        let p = params.take(14);
+        parts.push(format!(
+            "INSERT INTO objects (kind, namespace, name, uid, generation, revision, labels, spec, dpu, \
+                 selector, spec_author, created_at, updated_at, deleted_revision) \
+             SELECT * FROM UNNEST({}::text[], {}::text[], {}::text[], {}::uuid[], {}::int8[], {}::int8[], \
+                 {}::jsonb[], {}::jsonb[], {}::text[], {}::jsonb[], {}::text[], {}::timestamptz[], \
+                 {}::timestamptz[], {}::int8[]) \
+             ON CONFLICT (kind, namespace, name) DO UPDATE SET uid = EXCLUDED.uid, \
+                 generation = EXCLUDED.generation, revision = EXCLUDED.revision, labels = EXCLUDED.labels, \
+                 spec = EXCLUDED.spec, dpu = EXCLUDED.dpu, selector = EXCLUDED.selector, \
+                 spec_author = EXCLUDED.spec_author, created_at = EXCLUDED.created_at, \
+                 updated_at = EXCLUDED.updated_at, deleted_revision = EXCLUDED.deleted_revision",
+            p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11], p[12], p[13]
+        ));
+    }
+    if !f.statuses.is_empty() {
+        let p = params.take(9);
+        parts.push(format!(
+            "INSERT INTO statuses (kind, namespace, name, author, observed_generation, seq, revision, status, \
+                 updated_at) \
+             SELECT * FROM UNNEST({}::text[], {}::text[], {}::text[], {}::text[], {}::int8[], {}::int8[], \
+                 {}::int8[], {}::jsonb[], {}::timestamptz[]) \
+             ON CONFLICT (kind, namespace, name, author) DO UPDATE SET \
+                 observed_generation = EXCLUDED.observed_generation, seq = EXCLUDED.seq, \
+                 revision = EXCLUDED.revision, status = EXCLUDED.status, updated_at = EXCLUDED.updated_at",
+            p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]
+        ));
+    }
+    if !f.log.is_empty() {
+        let p = params.take(15);
+        parts.push(format!(
+            "INSERT INTO log (revision, kind, namespace, name, uid, generation, change, author, \
+                 observed_generation, labels, body, dpu, selector, prev_selector, at) \
+             SELECT * FROM UNNEST({}::int8[], {}::text[], {}::text[], {}::text[], {}::uuid[], {}::int8[], \
+                 {}::int2[], {}::text[], {}::int8[], {}::jsonb[], {}::jsonb[], {}::text[], {}::jsonb[], \
+                 {}::jsonb[], {}::timestamptz[])",
+            p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11], p[12], p[13], p[14]
+        ));
+    }
+    if !f.allocations.is_empty() {
+        let p = params.take(5);
+        parts.push(format!(
+            "INSERT INTO ip_allocations (network, address, namespace, name, revision) \
+             SELECT * FROM UNNEST({}::text[], {}::text[], {}::text[], {}::text[], {}::int8[])",
+            p[0], p[1], p[2], p[3], p[4]
+        ));
+    }
+    if !f.pool_offsets.is_empty() {
+        let p = params.take(2);
+        parts.push(format!(
+            "INSERT INTO ip_pools (network, next_offset) SELECT * FROM UNNEST({}::text[], {}::text[]) \
+             ON CONFLICT (network) DO UPDATE SET next_offset = EXCLUDED.next_offset",
+            p[0], p[1]
+        ));
+    }
+    if !f.dpus.is_empty() {
+        let p = params.take(6);
+        parts.push(format!(
+            "INSERT INTO dpus (serial, ready, last_heartbeat, lease_duration_ms, applied_revision, registered_at) \
+             SELECT * FROM UNNEST({}::text[], {}::bool[], {}::timestamptz[], {}::int8[], {}::int8[], \
+                 {}::timestamptz[]) \
+             ON CONFLICT (serial) DO UPDATE SET ready = EXCLUDED.ready, last_heartbeat = EXCLUDED.last_heartbeat, \
+                 lease_duration_ms = EXCLUDED.lease_duration_ms, applied_revision = EXCLUDED.applied_revision, \
+                 registered_at = EXCLUDED.registered_at",
+            p[0], p[1], p[2], p[3], p[4], p[5]
+        ));
+    }
+    // The new head and the notification other replicas wake on.
+    let head = !f.log.is_empty() || f.force_head;
+    let last = if head {
+        let p = params.take(3);
+        parts.push(format!("UPDATE xpu_meta SET revision = {} WHERE id = 1 RETURNING revision", p[0]));
+        format!("SELECT pg_notify({}, {}) FROM w{}", p[1], p[2], parts.len() - 1)
+    } else {
+        "SELECT 1".to_string()
+    };
+    if parts.is_empty() {
+        return Ok(());
+    }
+    let ctes: Vec<String> = parts.iter().enumerate().map(|(i, part)| format!("w{i} AS ({part})")).collect();
+    let sql = format!("WITH {} {last}", ctes.join(", "));
+
+    let mut q = sqlx::query(&sql);
+    if !f.objects.is_empty() {
+        let keys: Vec<Key> = f.objects.iter().map(|o| o.key.clone()).collect();
+        let (k, ns, n) = key_arrays(&keys);
+        let (mut dpus, mut selectors) = (Vec::new(), Vec::new());
+        for route in &f.routes {
+            let (d, s) = route_columns(route);
+            dpus.push(d);
+            selectors.push(s);
+        }
+        q = q
+            .bind(k)
+            .bind(ns)
+            .bind(n)
+            .bind(f.objects.iter().map(|o| o.uid).collect::<Vec<Uuid>>())
+            .bind(f.objects.iter().map(|o| o.generation).collect::<Vec<_>>())
+            .bind(f.objects.iter().map(|o| o.revision).collect::<Vec<_>>())
+            .bind(f.objects.iter().map(|o| labels_json(&o.labels)).collect::<Vec<_>>())
+            .bind(f.objects.iter().map(|o| &o.spec).collect::<Vec<&Value>>())
+            .bind(dpus)
+            .bind(selectors)
+            .bind(f.objects.iter().map(|o| o.spec_author.as_str()).collect::<Vec<_>>())
+            .bind(f.objects.iter().map(|o| o.created_at).collect::<Vec<_>>())
+            .bind(f.objects.iter().map(|o| o.updated_at).collect::<Vec<_>>())
+            .bind(f.objects.iter().map(|o| o.deleted_revision).collect::<Vec<_>>());
+    }
+    if !f.statuses.is_empty() {
+        let keys: Vec<Key> = f.statuses.iter().map(|s| s.key.clone()).collect();
+        let (k, ns, n) = key_arrays(&keys);
+        q = q
+            .bind(k)
+            .bind(ns)
+            .bind(n)
+            .bind(f.statuses.iter().map(|s| s.author.as_str()).collect::<Vec<_>>())
+            .bind(f.statuses.iter().map(|s| s.observed_generation).collect::<Vec<_>>())
+            .bind(f.statuses.iter().map(|s| s.seq).collect::<Vec<_>>())
+            .bind(f.statuses.iter().map(|s| s.revision).collect::<Vec<_>>())
+            .bind(f.statuses.iter().map(|s| &s.status).collect::<Vec<&Value>>())
+            .bind(f.statuses.iter().map(|s| s.updated_at).collect::<Vec<_>>());
+    }
+    if !f.log.is_empty() {
+        let keys: Vec<Key> = f.log.iter().map(|e| e.key.clone()).collect();
+        let (k, ns, n) = key_arrays(&keys);
+        let (mut dpus, mut selectors, mut prev) = (Vec::new(), Vec::new(), Vec::new());
+        for e in &f.log {
+            let (d, s) = route_columns(&e.route);
+            dpus.push(d);
+            selectors.push(s);
+            prev.push(e.prev_route.as_ref().and_then(|p| route_columns(p).1));
+        }
+        q = q
+            .bind(f.log.iter().map(|e| e.revision).collect::<Vec<_>>())
+            .bind(k)
+            .bind(ns)
+            .bind(n)
+            .bind(f.log.iter().map(|e| e.uid).collect::<Vec<_>>())
+            .bind(f.log.iter().map(|e| e.generation).collect::<Vec<_>>())
+            .bind(f.log.iter().map(|e| e.change.code()).collect::<Vec<_>>())
+            .bind(f.log.iter().map(|e| e.author.as_str()).collect::<Vec<_>>())
+            .bind(f.log.iter().map(|e| e.observed_generation).collect::<Vec<_>>())
+            .bind(f.log.iter().map(|e| labels_json(&e.labels)).collect::<Vec<_>>())
+            .bind(f.log.iter().map(|e| e.body.as_ref()).collect::<Vec<Option<&Value>>>())
+            .bind(dpus)
+            .bind(selectors)
+            .bind(prev)
+            .bind(f.log.iter().map(|e| e.at).collect::<Vec<_>>());
+    }
+    if !f.allocations.is_empty() {
+        q = q
+            .bind(f.allocations.iter().map(|a| a.network.as_str()).collect::<Vec<_>>())
+            .bind(f.allocations.iter().map(|a| a.address.as_str()).collect::<Vec<_>>())
+            .bind(f.allocations.iter().map(|a| a.namespace.as_str()).collect::<Vec<_>>())
+            .bind(f.allocations.iter().map(|a| a.name.as_str()).collect::<Vec<_>>())
+            .bind(f.allocations.iter().map(|a| a.revision).collect::<Vec<_>>());
+    }
+    if !f.pool_offsets.is_empty() {
+        q = q
+            .bind(f.pool_offsets.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>())
+            .bind(f.pool_offsets.iter().map(|(_, o)| o.to_string()).collect::<Vec<_>>());
+    }
+    if !f.dpus.is_empty() {
+        q = q
+            .bind(f.dpus.iter().map(|d| d.serial.as_str()).collect::<Vec<_>>())
+            .bind(f.dpus.iter().map(|d| d.ready).collect::<Vec<_>>())
+            .bind(f.dpus.iter().map(|d| d.last_heartbeat).collect::<Vec<_>>())
+            .bind(f.dpus.iter().map(|d| d.lease_duration_ms).collect::<Vec<_>>())
+            .bind(f.dpus.iter().map(|d| d.applied_revision).collect::<Vec<_>>())
+            .bind(f.dpus.iter().map(|d| d.registered_at).collect::<Vec<_>>());
+    }
+    if head {
+        q = q.bind(f.head).bind(NOTIFY_CHANNEL).bind(format!("{replica}:{}", f.head));
+    }
+    q.execute(&mut *tx).await?;
+    Ok(())
 }
