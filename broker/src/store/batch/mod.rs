@@ -116,7 +116,10 @@ struct Working<'c> {
     pools: HashMap<String, PoolState>,
     /// Final allocation of every Netdev whose allocation this batch touched.
     allocations: HashMap<(String, String), Option<(String, IpAddr)>>,
+    /// Stored allocations as loaded (an address that does not parse is loaded as none).
     loaded_allocations: HashMap<(String, String), Option<(String, IpAddr)>>,
+    /// Netdevs with a stored allocation row, whatever its address.
+    allocation_rows: HashSet<(String, String)>,
     events: Vec<Event>,
     compact_to: Option<i64>,
     /// How to take back every change since the batch began, newest last.
@@ -193,6 +196,7 @@ pub(crate) async fn run<T: WriteTx>(mut tx: T, requests: &[&Request], ctx: &Batc
         pools: HashMap::new(),
         allocations: HashMap::new(),
         loaded_allocations: HashMap::new(),
+        allocation_rows: HashSet::new(),
         events: Vec::new(),
         compact_to: None,
         journal: Vec::new(),
@@ -802,7 +806,16 @@ impl Working<'_> {
             }
         }
         for ((ns, name), alloc) in self.allocations {
-            flush.release_allocations.push((ns.clone(), name.clone()));
+            let slot = (ns, name);
+            let row = self.allocation_rows.contains(&slot);
+            let stored = self.loaded_allocations.get(&slot).cloned().flatten();
+            if stored == alloc && (alloc.is_some() || !row) {
+                continue;
+            }
+            if row {
+                flush.release_allocations.push(slot.clone());
+            }
+            let (ns, name) = slot;
             if let Some((network, ip)) = alloc {
                 flush.allocations.push(Allocation {
                     network,

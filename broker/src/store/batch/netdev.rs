@@ -188,6 +188,7 @@ impl Working<'_> {
             self.loaded_allocations.insert(slot, None);
         }
         for (ns, name, network, address) in found {
+            self.allocation_rows.insert((ns.clone(), name.clone()));
             // An address that does not parse holds nothing: the Netdev gets a new one and the
             // row is replaced.
             if let Ok(ip) = address.parse() {
