@@ -304,17 +304,17 @@ mod tests {
 
         let only_flat = verifier(&[&flat]);
         assert_eq!(verify(&only_flat, &client(&flat), &[]), Ok(()));
-        assert_eq!(verify(&only_flat, &client(&flat_sub), &[flat_sub.der.clone()]), unknown());
+        assert_eq!(verify(&only_flat, &client(&flat_sub), std::slice::from_ref(&flat_sub.der)), unknown());
 
         let only_deep = verifier(&[&deep]);
         assert_eq!(verify(&only_deep, &client(&deep), &[]), Ok(()));
-        assert_eq!(verify(&only_deep, &client(&deep_sub), &[deep_sub.der.clone()]), Ok(()));
+        assert_eq!(verify(&only_deep, &client(&deep_sub), std::slice::from_ref(&deep_sub.der)), Ok(()));
 
         // Both in one file: each keeps its own rule.
         let both = verifier(&[&flat, &deep]);
         assert_eq!(verify(&both, &client(&flat), &[]), Ok(()));
-        assert_eq!(verify(&both, &client(&deep_sub), &[deep_sub.der.clone()]), Ok(()));
-        assert_eq!(verify(&both, &client(&flat_sub), &[flat_sub.der.clone()]), unknown());
+        assert_eq!(verify(&both, &client(&deep_sub), std::slice::from_ref(&deep_sub.der)), Ok(()));
+        assert_eq!(verify(&both, &client(&flat_sub), std::slice::from_ref(&flat_sub.der)), unknown());
         // A chain through the other CA's sub-CA does not help either.
         assert_eq!(verify(&both, &client(&flat_sub), &[flat_sub.der.clone(), deep_sub.der.clone()]), unknown());
         assert_eq!(both.root_hint_subjects().len(), 2);

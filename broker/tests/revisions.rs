@@ -212,6 +212,10 @@ async fn idle_streams_get_bookmarks_that_move_past_foreign_changes(b: TestBroker
         .await
         .unwrap()
         .into_inner();
+    // Resumed at the head: a bookmark says it is current, before any change.
+    let ev = tokio::time::timeout(Duration::from_secs(5), desired.message()).await.unwrap().unwrap().unwrap();
+    assert!(matches!(ev.event, Some(E::Bookmark(_))), "a bookmark at the head: {ev:?}");
+    assert_eq!(ev.revision, head);
     // A change that is not for dpu-a: dpu-b registering again with new labels.
     b.agent("dpu-b")
         .await

@@ -174,16 +174,15 @@ impl Watch {
     }
 
     /// Replays the log, then tells the client it is current up to `head` (read after the
-    /// subscription was registered): changes after it arrive live, and those before it that
-    /// this stream filters out would otherwise leave the client below the head until the next
-    /// change that concerns it.
+    /// subscription was registered) or the last replayed change: changes after it arrive live,
+    /// and those before it that this stream filters out would otherwise leave the client below
+    /// the head until the next change that concerns it. The bookmark is sent even when the
+    /// client resumed at the head and nothing was replayed: it is how a resumed client learns
+    /// it is current.
     async fn replay_to(&mut self, head: i64) -> Result<(), Option<Error>> {
         self.replay().await?;
-        if head > self.pos {
-            self.pos = head;
-            self.send(event(head, pb::watch_event::Event::Bookmark(pb::Bookmark {}))).await.map_err(|_| None)?;
-        }
-        Ok(())
+        self.pos = self.pos.max(head);
+        self.send(event(self.pos, pb::watch_event::Event::Bookmark(pb::Bookmark {}))).await.map_err(|_| None)
     }
 
     async fn replay(&mut self) -> Result<(), Option<Error>> {

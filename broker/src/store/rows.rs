@@ -171,7 +171,7 @@ pub struct ApplyOutcome {
     pub object: StoredObject,
     pub changed: bool,
     /// For a Netdev: its XpuNetwork's spec as the write saw it.
-    pub network: Option<pb::XpuNetworkSpec>,
+    pub network: Option<Box<pb::XpuNetworkSpec>>,
 }
 
 #[derive(Debug)]

@@ -13,7 +13,10 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -31,6 +34,7 @@ use super::{
     Metrics, SyncConfig,
     kinds::{self, BrokerObj, ObjRef},
 };
+use crate::failpoint;
 
 pub const FIELD_MANAGER: &str = "xpu-sync";
 pub const FINALIZER: &str = "xpu.opi.dev/broker";
@@ -47,9 +51,19 @@ pub struct Engine {
     pub broker: SyncServiceClient<Channel>,
     /// The broker's objects as last seen (complete after a snapshot; filled lazily otherwise).
     pub cache: Mutex<HashMap<ObjRef, BrokerObj>>,
+    /// Set by a snapshot: from then on the cache holds every object the broker has of this
+    /// side's kinds (the changes that follow keep it so), and a key it lacks is one the broker
+    /// does not have — even without a tombstone, which a snapshot does not carry.
+    pub cache_complete: AtomicBool,
     /// Keys the broker has tombstoned since they were cached.
     pub tombstones: Mutex<BTreeSet<ObjRef>>,
+    /// Keys the broker changed while the cache held no copy of them and was not complete (the
+    /// syncer resumed from a revision: what the broker wrote before it, e.g. an earlier status,
+    /// is not in the cache). They are read once from the broker before they are synced.
+    pub unseen: Mutex<BTreeSet<ObjRef>>,
     queue: Mutex<BTreeSet<ObjRef>>,
+    /// Keys whose sync failed, waiting out the delay before they are queued again.
+    backing_off: AtomicUsize,
     wake: Notify,
     put_backs: Mutex<HashMap<ObjRef, Vec<Instant>>>,
     /// Objects the broker refused (e.g. a reference to an object it does not hold yet). Each
@@ -116,8 +130,11 @@ impl Engine {
             client,
             broker,
             cache: Mutex::default(),
+            cache_complete: AtomicBool::new(false),
             tombstones: Mutex::default(),
+            unseen: Mutex::default(),
             queue: Mutex::default(),
+            backing_off: AtomicUsize::new(0),
             wake: Notify::new(),
             put_backs: Mutex::default(),
             refused: Mutex::default(),
@@ -147,8 +164,11 @@ impl Engine {
         }
     }
 
-    pub fn queue_len(&self) -> usize {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).len()
+    /// Keys waiting to be synced: queued, or waiting to be tried again after a failure. The
+    /// revision is saved only when this is zero, so a change whose sync failed is not skipped
+    /// by a restart.
+    pub fn pending(&self) -> usize {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).len() + self.backing_off.load(Ordering::Acquire)
     }
 
     fn api(&self, kind: pb::Kind, namespace: &str) -> Api<DynamicObject> {
@@ -181,30 +201,50 @@ impl Engine {
                 self.metrics.count_error(e.kind());
                 tracing::warn!(object = %key, error = %e, "sync failed; retrying");
                 let engine = Arc::clone(&self);
+                self.backing_off.fetch_add(1, Ordering::AcqRel);
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                    // Queued before it stops counting as backing off: never neither.
                     engine.enqueue(key);
+                    engine.backing_off.fetch_sub(1, Ordering::AcqRel);
                 });
             }
         }
     }
 
-    /// The broker's view of a key: cached, or read once.
+    fn is_unseen(&self, key: &ObjRef) -> bool {
+        self.unseen.lock().unwrap_or_else(|p| p.into_inner()).contains(key)
+    }
+
+    /// The broker's view of a key: cached, or read once (and always read when it is unseen).
     async fn broker_obj(&self, key: &ObjRef) -> Result<Option<BrokerObj>, SyncError> {
-        if let Some(b) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned() {
+        // Taken off before the read: a change that arrives during it puts the key back, and
+        // the next reconcile reads again.
+        let unseen = self.unseen.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+        if !unseen && let Some(b) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned() {
             return Ok(Some(b));
         }
-        match self.broker.clone().get(pb::GetRequest { key: Some(key.to_proto()) }).await {
-            Ok(r) => {
-                let obj = kinds::from_resource(&r.into_inner());
-                if let Some(o) = &obj {
-                    self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), o.clone());
+        let read = self.broker.clone().get(pb::GetRequest { key: Some(key.to_proto()) }).await;
+        let obj = match read {
+            Ok(r) => kinds::from_resource(&r.into_inner()),
+            Err(s) if s.code() == tonic::Code::NotFound => None,
+            Err(s) => {
+                if unseen {
+                    self.unseen.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone());
                 }
-                Ok(obj)
+                return Err(s.into());
             }
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
-            Err(s) => Err(s.into()),
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        match &obj {
+            Some(o) => {
+                cache.insert(key.clone(), o.clone());
+            }
+            None => {
+                cache.remove(key);
+            }
         }
+        Ok(obj)
     }
 
     async fn reconcile(&self, key: &ObjRef) -> Result<(), SyncError> {
@@ -222,7 +262,10 @@ impl Engine {
             Some(obj) => {
                 let cached = self.cache.lock().unwrap_or_else(|p| p.into_inner()).contains_key(key);
                 let tombstoned = self.tombstones.lock().unwrap_or_else(|p| p.into_inner()).contains(key);
-                if !cached && !tombstoned && synced_generation(&obj) == obj.metadata.generation {
+                let complete = self.cache_complete.load(Ordering::Acquire);
+                let unseen = self.is_unseen(key);
+                if !cached && !tombstoned && !complete && !unseen && synced_generation(&obj) == obj.metadata.generation
+                {
                     // As we left it, and no broker change since: nothing to read or write.
                     return Ok(());
                 }
@@ -231,13 +274,19 @@ impl Engine {
                     Some(b) if side.down().contains(&key.kind) => self.mirror(key, &api, Some(obj), &b).await,
                     _ => {
                         tracing::info!(object = %key, "removing a mirror of an object the broker no longer has");
+                        failpoint::hit_for("sync.mirror.remove.before", kinds::kind_name(key.kind));
                         let _ = timed(api.delete(&key.name, &DeleteParams::default())).await?;
+                        failpoint::hit_for("sync.mirror.remove.after", kinds::kind_name(key.kind));
                         Ok(())
                     }
                 }
             }
             None => {
-                let cached = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned();
+                let cached = if self.is_unseen(key) {
+                    self.broker_obj(key).await?
+                } else {
+                    self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
+                };
                 let Some(b) = cached else { return Ok(()) };
                 if b.spec_author == self.own_author() {
                     // Authored here, gone here without our finalizer running: the cluster is
@@ -292,6 +341,7 @@ impl Engine {
                 return Ok(());
             }
             // Final only once the broker holds the tombstone.
+            failpoint::hit_for("sync.carry.delete.before", kinds::kind_name(key.kind));
             let resp = self
                 .broker
                 .clone()
@@ -299,6 +349,7 @@ impl Engine {
                 .await?
                 .into_inner();
             tracing::info!(object = %key, tombstone = resp.revision, existed = resp.existed, "deleted in the broker");
+            failpoint::hit_for("sync.carry.delete.after", kinds::kind_name(key.kind));
             self.cache.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
             finalizers.retain(|f| f != FINALIZER);
             return self.set_finalizers(api, &obj, finalizers).await;
@@ -322,13 +373,20 @@ impl Engine {
                         .await;
                 }
             };
+            failpoint::hit_for("sync.carry.apply.before", kinds::kind_name(key.kind));
             match self.broker.clone().apply(pb::ApplyRequest { object: Some(res), expected_generation: 0 }).await {
                 Ok(resp) => {
+                    failpoint::hit_for("sync.carry.apply.after", kinds::kind_name(key.kind));
                     let applied = resp.into_inner().object.as_ref().and_then(kinds::from_resource);
                     if let Some(mut a) = applied {
                         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-                        if let Some(prev) = cache.get(key) {
-                            a.status = prev.status.clone();
+                        match cache.get(key) {
+                            Some(prev) => a.status = prev.status.clone(),
+                            // The answer carries no status: one written before is read back.
+                            None if !self.cache_complete.load(Ordering::Acquire) => {
+                                self.unseen.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone());
+                            }
+                            None => {}
                         }
                         cache.insert(key.clone(), a);
                     }
@@ -355,22 +413,22 @@ impl Engine {
                 Err(s) => return Err(s.into()),
             }
         }
-        let cached = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned();
-        if in_sync && cached.is_none() {
+        let cached = self.cache.lock().unwrap_or_else(|p| p.into_inner()).contains_key(key);
+        if in_sync && !cached && !self.is_unseen(key) {
             // Unchanged on both sides since the last sync: status changes arrive as events.
             return Ok(());
         }
-        let b = match cached {
-            Some(b) => Some(b),
-            None => self.broker_obj(key).await?,
-        };
+        let b = self.broker_obj(key).await?;
         let mut status = b.map(|b| b.status).unwrap_or_else(|| json!({}));
         status["syncedGeneration"] = json!(generation);
         push_synced(&mut status, generation);
         if obj.data.get("status") == Some(&status) {
             return Ok(());
         }
-        self.patch_status(api, key, status).await
+        failpoint::hit_for("sync.carry.status.before", kinds::kind_name(key.kind));
+        self.patch_status(api, key, status).await?;
+        failpoint::hit_for("sync.carry.status.after", kinds::kind_name(key.kind));
+        Ok(())
     }
 
     /// An object authored elsewhere: the broker's copy is the truth.
@@ -431,8 +489,10 @@ impl Engine {
                 ..Default::default()
             };
             let body = json!({"apiVersion": ar.api_version, "kind": ar.kind, "metadata": meta, "spec": spec});
+            failpoint::hit_for("sync.mirror.apply.before", kinds::kind_name(key.kind));
             let applied =
                 timed(api.patch(&key.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))).await?;
+            failpoint::hit_for("sync.mirror.apply.after", kinds::kind_name(key.kind));
             generation = applied.metadata.generation;
             self.metrics.mirrored.fetch_add(1, Ordering::Relaxed);
         }
@@ -442,7 +502,10 @@ impl Engine {
         if current.as_ref().is_some_and(|c| spec_matches && c.data.get("status") == Some(&status)) {
             return Ok(());
         }
-        self.patch_status(api, key, status).await
+        failpoint::hit_for("sync.mirror.status.before", kinds::kind_name(key.kind));
+        self.patch_status(api, key, status).await?;
+        failpoint::hit_for("sync.mirror.status.after", kinds::kind_name(key.kind));
+        Ok(())
     }
 
     fn too_many_put_backs(&self, key: &ObjRef) -> bool {

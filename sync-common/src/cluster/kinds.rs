@@ -70,6 +70,20 @@ pub fn api_resource(kind: pb::Kind) -> ApiResource {
     }
 }
 
+/// The Kubernetes kind name (`Netdev`, `LogicalBridge`, …).
+pub fn kind_name(kind: pb::Kind) -> &'static str {
+    match kind {
+        pb::Kind::Dpu => "Dpu",
+        pb::Kind::Netdev => "Netdev",
+        pb::Kind::LogicalBridge => "LogicalBridge",
+        pb::Kind::Vrf => "Vrf",
+        pb::Kind::Svi => "Svi",
+        pb::Kind::XpuNetwork => "XpuNetwork",
+        pb::Kind::FlowPolicy => "FlowPolicy",
+        pb::Kind::Unspecified => "Unspecified",
+    }
+}
+
 pub fn namespaced(kind: pb::Kind) -> bool {
     matches!(kind, pb::Kind::Netdev | pb::Kind::FlowPolicy)
 }
@@ -230,6 +244,13 @@ pub fn to_resource(kind: pb::Kind, obj: &DynamicObject, drop_labels: &[&str]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kind_names_are_the_crd_kinds() {
+        for kind in Side::Infra.kinds() {
+            assert_eq!(kind_name(kind), api_resource(kind).kind);
+        }
+    }
 
     #[test]
     fn statuses_merge_per_dpu() {

@@ -93,6 +93,12 @@ async fn broker_watch(engine: Arc<Engine>, client: Client) {
             }
         };
         backoff = Duration::from_millis(200);
+        // The broker's head when the watch opened: once the stream has reached it, this side
+        // is caught up. (A resumed watch whose replay ends at the head gets no bookmark until
+        // the next change, which may be long in coming.) A head below `since` means a snapshot
+        // is coming instead.
+        let head =
+            if caught_up || since == 0 { None } else { broker_head(&engine, &kinds).await.filter(|h| *h >= since) };
         let mut snapshot: Option<Vec<pb::Resource>> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
@@ -133,12 +139,19 @@ async fn broker_watch(engine: Arc<Engine>, client: Client) {
                 }
                 _ = tick.tick() => {}
             }
-            let drained = engine.queue_len() == 0 && engine.metrics.idle.load(Ordering::Acquire);
+            if head.is_some_and(|h| since >= h) {
+                caught_up = true;
+            }
+            let drained = engine.pending() == 0 && engine.metrics.idle.load(Ordering::Acquire);
             if drained && caught_up {
                 engine.metrics.ready.store(true, Ordering::Release);
                 if since > persisted {
+                    crate::failpoint::hit("sync.revision.save.before");
                     match store.save(since).await {
-                        Ok(()) => persisted = since,
+                        Ok(()) => {
+                            crate::failpoint::hit("sync.revision.save.after");
+                            persisted = since;
+                        }
                         Err(e) => tracing::warn!(error = %e, "cannot persist the revision"),
                     }
                 }
@@ -148,25 +161,47 @@ async fn broker_watch(engine: Arc<Engine>, client: Client) {
     }
 }
 
+/// The broker's head revision (a one-item List reads it); None if the broker does not answer
+/// (then a bookmark or the next change tells).
+async fn broker_head(engine: &Engine, kinds: &[i32]) -> Option<i64> {
+    let req = pb::ListRequest { kind: *kinds.first()?, limit: 1, ..Default::default() };
+    match engine.broker.clone().list(req).await {
+        Ok(r) => Some(r.into_inner().revision),
+        Err(e) => {
+            tracing::debug!(error = %e.message(), "cannot read the broker's head; waiting for a bookmark");
+            None
+        }
+    }
+}
+
 fn apply_change(engine: &Engine, change: &pb::Change) {
     let Some(obj) = change.object.as_ref().and_then(kinds::from_resource) else { return };
     let key = obj.key.clone();
+    let complete = engine.cache_complete.load(Ordering::Acquire);
+    // A change to an object the cache has no copy of, when the cache is not known complete:
+    // what the broker wrote before it is unknown here (e.g. the status, for a syncer that
+    // resumed from a persisted revision), so the object is read before it is synced.
+    let unseen = || {
+        if !complete {
+            engine.unseen.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone());
+        }
+    };
     let mut cache = engine.cache.lock().unwrap_or_else(|p| p.into_inner());
     match pb::ChangeType::try_from(change.r#type) {
         Ok(pb::ChangeType::Deleted) => {
             cache.remove(&key);
             engine.tombstones.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone());
         }
-        Ok(pb::ChangeType::Status) => {
-            if let Some(cur) = cache.get_mut(&key) {
-                cur.status = kinds::merge_status(key.kind, &cur.status, &obj.status);
-            }
-        }
+        Ok(pb::ChangeType::Status) => match cache.get_mut(&key) {
+            Some(cur) => cur.status = kinds::merge_status(key.kind, &cur.status, &obj.status),
+            None => unseen(),
+        },
         Ok(pb::ChangeType::Spec) => {
-            let status = cache.get(&key).filter(|c| c.uid == obj.uid).map(|c| c.status.clone());
             let mut obj = obj;
-            if let Some(s) = status {
-                obj.status = s;
+            match cache.get(&key) {
+                Some(c) if c.uid == obj.uid => obj.status = c.status.clone(),
+                Some(_) => {}
+                None => unseen(),
             }
             cache.insert(key.clone(), obj);
         }
@@ -186,6 +221,9 @@ async fn apply_snapshot(engine: &Engine, client: &Client, objects: Vec<pb::Resou
     tracing::info!(objects = fresh.len(), "broker snapshot");
     let keys: Vec<ObjRef> = fresh.keys().cloned().collect();
     *engine.cache.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+    // A mirror whose object is not in the snapshot is then removed, although no tombstone for
+    // it ever arrives (it was deleted while this syncer was away, or before a compaction).
+    engine.cache_complete.store(true, Ordering::Release);
     for k in keys {
         engine.enqueue(k);
     }

@@ -23,7 +23,7 @@ use xpu_proto::{
         host_agent_server::{HostAgent, HostAgentServer},
     },
 };
-use xpu_sync_common::TlsFiles;
+use xpu_sync_common::{TlsFiles, failpoint};
 
 use self::state::{Attachment, Device, PendingDetach, State, StateFile, attachment_key};
 
@@ -174,6 +174,7 @@ impl Service {
         let timeout_ms =
             if req.timeout_ms == 0 { self.config.attach_timeout.as_millis() as u32 } else { req.timeout_ms };
         let started = std::time::Instant::now();
+        failpoint::hit("hostagent.attach.before");
         let resp = self
             .broker
             .clone()
@@ -186,6 +187,7 @@ impl Service {
             .await
             .map_err(|e| from_broker("AttachNetdev", e))?
             .into_inner();
+        failpoint::hit("hostagent.attach.after");
         tracing::info!(netdev = %attachment.netdev_id, pod = %format!("{}/{}", pod.namespace, pod.name), took_ms = started.elapsed().as_millis() as u64, "attached");
         if let Some(a) = self.lock_state().attachments.get_mut(&key) {
             a.connected = true;
@@ -222,6 +224,7 @@ impl Service {
         };
         let pending =
             PendingDetach { namespace: attachment.namespace.clone(), netdev_id: attachment.netdev_id.clone() };
+        failpoint::hit("hostagent.detach.before");
         let result = self
             .broker
             .clone()
@@ -230,6 +233,7 @@ impl Service {
                 name: pending.netdev_id.clone(),
             })
             .await;
+        failpoint::hit("hostagent.detach.after");
         {
             let mut state = self.lock_state();
             state.attachments.remove(&key);

@@ -524,7 +524,7 @@ impl Working<'_> {
         let mut spec = req.input.spec.clone();
         let mut network = None;
         match &mut spec {
-            Spec::Netdev(nd) => network = Some(self.prepare_netdev(tx, key, nd, live.as_ref()).await?),
+            Spec::Netdev(nd) => network = Some(Box::new(self.prepare_netdev(tx, key, nd, live.as_ref()).await?)),
             Spec::XpuNetwork(n) => self.check_network(tx, key, n, live.as_ref()).await?,
             Spec::Svi(s) => {
                 self.require(tx, Key::cluster(Kind::Vrf, &s.vrf), "spec.vrf").await?;
