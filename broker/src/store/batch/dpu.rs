@@ -98,6 +98,11 @@ impl Working<'_> {
     pub(super) async fn sweep<T: WriteTx>(&mut self, tx: &mut T) -> Result<usize> {
         let lapsed = tx.lapsed_dpus(self.ctx.now).await?;
         self.ensure_dpus(tx, lapsed.clone()).await?;
+        // The Dpu objects and broker statuses of every lapsed lease in one round trip each (a
+        // fleet that went away at once lapses at once).
+        let keys: Vec<Key> = lapsed.iter().map(|s| Key::cluster(Kind::Dpu, s)).collect();
+        self.ensure(tx, keys.clone()).await?;
+        self.ensure_statuses(tx, keys.into_iter().map(|k| (k, BROKER_AUTHOR.to_string())).collect()).await?;
         let mut n = 0;
         for serial in lapsed {
             let Some(mut lease) = self.dpus.get(&serial).cloned().flatten() else {

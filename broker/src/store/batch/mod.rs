@@ -271,7 +271,13 @@ impl Working<'_> {
                     keys.push(Key::cluster(Kind::Dpu, &r.serial));
                     serials.push(r.serial.clone());
                 }
-                Request::Heartbeat { serial, .. } => serials.push(serial.clone()),
+                Request::Heartbeat { serial, .. } => {
+                    // A heartbeat reaches the writer when the lease lapsed: its Dpu status changes.
+                    let key = Key::cluster(Kind::Dpu, serial);
+                    status_slots.push((key.clone(), crate::model::BROKER_AUTHOR.to_string()));
+                    keys.push(key);
+                    serials.push(serial.clone());
+                }
                 Request::SweepLeases | Request::Compact { .. } | Request::Decommission { .. } => {}
             }
         }
@@ -283,7 +289,7 @@ impl Working<'_> {
     }
 
     /// Loads the given status slots in one round trip (absent ones are remembered as absent).
-    async fn ensure_statuses<T: WriteTx>(&mut self, tx: &mut T, slots: Vec<(Key, String)>) -> Result<()> {
+    pub(super) async fn ensure_statuses<T: WriteTx>(&mut self, tx: &mut T, slots: Vec<(Key, String)>) -> Result<()> {
         let mut missing: Vec<(Key, String)> = slots.into_iter().filter(|s| !self.statuses.contains_key(s)).collect();
         missing.sort();
         missing.dedup();
