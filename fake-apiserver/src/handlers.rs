@@ -131,6 +131,17 @@ fn handle(shared: &Shared, path: &str, req: &Request) -> ApiResult<Response> {
 
 fn resource(shared: &Shared, t: Target, watching: bool, req: &Request) -> ApiResult<Response> {
     let opts = req.write_opts();
+    if t.status
+        && matches!(req.method, Method::PUT | Method::PATCH)
+        && shared
+            .status_write_failures
+            .fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| {
+                n.checked_sub(1)
+            })
+            .is_ok()
+    {
+        return Err(ApiError::new(500, "InternalError", "injected failure: the status write timed out"));
+    }
     match (&req.method, t.name.is_some()) {
         (&Method::GET, _) if watching => start_watch(shared, t, req),
         (&Method::GET, true) => {

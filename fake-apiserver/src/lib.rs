@@ -71,6 +71,8 @@ pub(crate) struct Shared {
     pub stop: signal::Receiver<bool>,
     /// `host:port`, for `/api`'s `serverAddressByClientCIDRs`.
     pub address: String,
+    /// Writes to a `status` subresource still to be refused (see [`FakeApiServer::fail_status_writes`]).
+    pub status_write_failures: std::sync::atomic::AtomicUsize,
 }
 
 /// A running fake API server.
@@ -109,6 +111,7 @@ impl FakeApiServer {
             bookmark_interval: options.bookmark_interval,
             stop: stop_rx.clone(),
             address: addr.to_string(),
+            status_write_failures: std::sync::atomic::AtomicUsize::new(0),
         });
         let app = routes::router(shared.clone());
         let mut shutdown_rx = stop_rx;
@@ -163,6 +166,13 @@ impl FakeApiServer {
     /// before now gets `410 Expired`, so watchers must relist.
     pub fn compact_history(&self) {
         self.shared.store.lock().compact();
+    }
+
+    /// Refuse the next `n` writes (`PUT`, `PATCH`) to a `status` subresource with `500
+    /// InternalError`, as a server whose storage times out does; `0` stops refusing. Other
+    /// requests are served as usual.
+    pub fn fail_status_writes(&self, n: usize) {
+        self.shared.status_write_failures.store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Stop serving: open watches end, then the listener closes.

@@ -1025,6 +1025,59 @@ async fn infra_sync_crashes_at_every_step(pool: PgPool) {
     crash_the_syncer_at_every_step(pool, "infra").await;
 }
 
+/// A status the cluster refused is tried again after a delay. While it waits, the controller
+/// must not persist the revision it came with: a crash in that window would otherwise lose the
+/// status for good (after the restart the object looks in sync and no change brings it again).
+#[sqlx::test(migrations = false)]
+async fn a_status_the_cluster_refused_survives_a_crash_while_it_waits(pool: PgPool) {
+    let mut env = Env::new(&pool).await;
+    env.tsync.proc.start(&[]);
+    env.isync.proc.start(&[]);
+    env.wait_settled().await;
+    // A Netdev created in the tenant cluster reaches the broker while the DPU is not answering.
+    env.stop_agent();
+    let vf = env.create_netdev().await;
+    let name = netdev_name(vf);
+    let carried = xpu_fault::wait_for(SETTLE, || {
+        let mut admin = env.admin.clone();
+        let name = name.clone();
+        async move { xpu_testkit::get(&mut admin, pb::Kind::Netdev, NS, &name).await.map(|_| ()) }
+    })
+    .await;
+    assert!(carried.is_some(), "{name} reaches the broker:\n{}", env.logs());
+    env.wait_settled().await;
+
+    // The tenant cluster refuses every status write; the DPU comes back and reports Connected.
+    env.tenant.server.fail_status_writes(usize::MAX);
+    let mark = env.tsync.proc.log_len();
+    env.start_agent();
+    let failing = xpu_fault::wait_for(SETTLE, || {
+        let log = env.tsync.proc.log_text();
+        let seen = log.get(mark..).is_some_and(|l| l.contains("sync failed; retrying") && l.contains(&name));
+        async move { seen.then_some(()) }
+    })
+    .await;
+    assert!(failing.is_some(), "the status write of {name} fails:\n{}", env.logs());
+    // Several of the controller's persist ticks (250 ms) pass while the write keeps failing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let head = head(&mut env.admin.clone()).await;
+    let persisted = env.tenant.persisted(env.tsync.state);
+    assert!(persisted < head, "the revision {persisted} was persisted past the refused status (head {head})");
+
+    // A crash now, then the cluster accepts writes again: the status arrives.
+    env.tsync.proc.kill();
+    env.tenant.server.fail_status_writes(0);
+    env.tsync.proc.start(&[]);
+    let last = RefCell::new(String::new());
+    let arrived = xpu_fault::wait_for(SETTLE, || async {
+        env.live_netdev(vf, Origin::Tenant).await.map_err(|e| *last.borrow_mut() = e).ok()
+    })
+    .await;
+    assert!(arrived.is_some(), "after the restart: {}\n{}", last.borrow(), env.logs());
+    env.wait_settled().await;
+    report(&format!("{SCENARIO}-refused-status"), "persisted_below_head", 1);
+}
+
 // ---- the host agent ---------------------------------------------------------------------------
 
 fn device_id(vf: u32) -> String {
