@@ -124,6 +124,8 @@ struct ServeArgs {
     /// certificate in the data dir.
     #[arg(long, env = "XPU_DEV")]
     dev: bool,
+    /// Postgres connections for reads and snapshots; the writer and the lease renewer have
+    /// two more of their own.
     #[arg(long, env = "XPU_DB_MAX_CONNECTIONS", default_value_t = 16)]
     db_max_connections: u32,
     /// Longest a request waits for the database before it is refused as UNAVAILABLE (retry).

@@ -293,6 +293,39 @@ async fn leases_lapse_without_heartbeats_and_come_back(b: TestBroker) {
     b.stop().await;
 }
 
+conformance!(a_fleet_that_lapses_at_once_is_swept_in_slices, config = short_leases);
+/// More leases lapse at once than one sweep transaction takes: they are all marked, slice after
+/// slice (other writes get in between), and each Dpu says so.
+async fn a_fleet_that_lapses_at_once_is_swept_in_slices(b: TestBroker) {
+    use futures::StreamExt;
+    const FLEET: usize = 1_100;
+    let broker = &b;
+    futures::stream::iter(0..FLEET)
+        .map(|i| async move { register(broker, &format!("dpu-{i:04}")).await })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    let mut admin = b.admin().await;
+    let all_unknown = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let fleet = admin.fleet_status(pb::FleetStatusRequest {}).await.unwrap().into_inner();
+            if fleet.dpus_unknown as usize == FLEET {
+                return fleet;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("every lease is marked lapsed");
+    assert_eq!(all_unknown.dpus_ready, 0);
+    for serial in ["dpu-0000", "dpu-0550", "dpu-1099"] {
+        let d = admin.get(pb::GetRequest { key: Some(key(pb::Kind::Dpu, "", serial)) }).await.unwrap().into_inner();
+        let Some(pb::resource::Kind::Dpu(d)) = d.kind else { panic!("{serial} is not a Dpu") };
+        assert_eq!(d.status.unwrap().lease_state, "Unknown", "{serial}");
+    }
+    b.stop().await;
+}
+
 conformance!(health_and_reflection_are_served);
 async fn health_and_reflection_are_served(b: TestBroker) {
     let ch = b.channel("admin/test").await;

@@ -198,8 +198,13 @@ impl Store {
     pub fn start(backend: Backend, config: StoreConfig, committed: mpsc::Sender<Committed>) -> Store {
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let config = Arc::new(config);
-        tokio::spawn(writer(backend.clone(), Arc::clone(&config), rx, committed));
-        let renewer = match &backend {
+        // Postgres: the writes have connections of their own (see `postgres::write_pool`).
+        let writes = match &backend {
+            Backend::Postgres(pool) => Backend::Postgres(postgres::write_pool(pool)),
+            Backend::Sqlite(..) => backend.clone(),
+        };
+        tokio::spawn(writer(writes.clone(), Arc::clone(&config), rx, committed));
+        let renewer = match &writes {
             Backend::Postgres(pool) => {
                 let (beats, rx) = mpsc::channel(config.queue_capacity);
                 tokio::spawn(renewer(pool.clone(), Arc::clone(&config), rx));
@@ -274,11 +279,20 @@ impl Store {
         }
     }
 
-    /// Marks DPUs whose lease lapsed; returns how many.
+    /// Marks DPUs whose lease lapsed, one slice at a time (other writes get in between slices);
+    /// returns how many.
     pub async fn sweep_leases(&self) -> Result<usize> {
-        match self.submit(Request::SweepLeases).await? {
-            Reply::Swept(n) => Ok(n),
-            other => Err(unexpected(&other)),
+        let mut total = 0;
+        loop {
+            match self.submit(Request::SweepLeases).await? {
+                Reply::Swept { lapsed, more } => {
+                    total += lapsed;
+                    if !more {
+                        return Ok(total);
+                    }
+                }
+                other => return Err(unexpected(&other)),
+            }
         }
     }
 

@@ -10,6 +10,9 @@ use crate::{
     store::rows::{DeleteRequest, DpuRow, ObjectRow, RegisterOutcome, RegisterRequest},
 };
 
+/// Most leases one sweep marks lapsed in one transaction (≈ 500 status writes: tens of ms).
+pub(super) const SWEEP_SLICE: usize = 500;
+
 impl Working<'_> {
     pub(super) async fn register<T: WriteTx>(&mut self, tx: &mut T, req: &RegisterRequest) -> Result<RegisterOutcome> {
         let key = Key::cluster(Kind::Dpu, &req.serial);
@@ -95,8 +98,12 @@ impl Working<'_> {
         Ok(())
     }
 
-    pub(super) async fn sweep<T: WriteTx>(&mut self, tx: &mut T) -> Result<usize> {
-        let lapsed = tx.lapsed_dpus(self.ctx.now).await?;
+    /// Marks lapsed leases, at most [`SWEEP_SLICE`] per transaction so that a fleet lapsing at
+    /// once does not hold up every other write for one long commit; returns how many lapsed and
+    /// whether the slice was full (the caller sweeps again at once).
+    pub(super) async fn sweep<T: WriteTx>(&mut self, tx: &mut T) -> Result<(usize, bool)> {
+        let lapsed = tx.lapsed_dpus(self.ctx.now, SWEEP_SLICE).await?;
+        let more = lapsed.len() >= SWEEP_SLICE;
         self.ensure_dpus(tx, lapsed.clone()).await?;
         // The Dpu objects and broker statuses of every lapsed lease in one round trip each (a
         // fleet that went away at once lapses at once).
@@ -121,7 +128,7 @@ impl Working<'_> {
             crate::metrics::LEASES_LAPSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             n += 1;
         }
-        Ok(n)
+        Ok((n, more))
     }
 
     pub(super) async fn decommission<T: WriteTx>(&mut self, tx: &mut T, serial: &str) -> Result<Reply> {

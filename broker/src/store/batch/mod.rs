@@ -44,7 +44,8 @@ pub(crate) trait WriteTx: Send {
         names: Vec<String>,
     ) -> impl Future<Output = Result<Vec<(String, String)>>> + Send;
     fn load_dpus(&mut self, serials: Vec<String>) -> impl Future<Output = Result<Vec<DpuRow>>> + Send;
-    fn lapsed_dpus(&mut self, now: DateTime<Utc>) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// At most `limit` ready DPUs whose lease lapsed by `now`, the longest lapsed first.
+    fn lapsed_dpus(&mut self, now: DateTime<Utc>, limit: usize) -> impl Future<Output = Result<Vec<String>>> + Send;
     fn live_netdevs_on_dpu(&mut self, serial: String) -> impl Future<Output = Result<Vec<Key>>> + Send;
     fn count_allocations(&mut self, network: String) -> impl Future<Output = Result<i64>> + Send;
     /// `(namespace, name, network, address)` of the allocations held by these Netdevs.
@@ -83,9 +84,16 @@ pub(crate) enum Reply {
     Status(Vec<StatusOutcome>),
     Register(RegisterOutcome),
     Heartbeat,
-    Swept(usize),
+    /// Leases marked lapsed, and whether the sweep hit its slice (more may be waiting).
+    Swept {
+        lapsed: usize,
+        more: bool,
+    },
     Compacted(Compacted),
-    Decommissioned { revision: i64, netdevs: u32 },
+    Decommissioned {
+        revision: i64,
+        netdevs: u32,
+    },
 }
 
 pub(crate) struct BatchContext {
@@ -491,7 +499,7 @@ impl Working<'_> {
             Request::Heartbeat { serial, applied_revision } => {
                 self.heartbeat(tx, serial, *applied_revision).await.map(|()| Reply::Heartbeat)
             }
-            Request::SweepLeases => self.sweep(tx).await.map(Reply::Swept),
+            Request::SweepLeases => self.sweep(tx).await.map(|(lapsed, more)| Reply::Swept { lapsed, more }),
             Request::Compact { to } => {
                 let to = (*to).min(self.head);
                 self.compact_to = Some(self.compact_to.map_or(to, |c| c.max(to)));

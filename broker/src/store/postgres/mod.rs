@@ -49,6 +49,16 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
     Ok(pool)
 }
 
+/// The connections of the writer and the lease renewer, apart from the readers' pool (same
+/// options): a burst of reads — thousands of streams opening at once — must never leave a
+/// commit waiting for a connection.
+pub fn write_pool(readers: &PgPool) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with((*readers.connect_options()).clone())
+}
+
 /// Applies the embedded migrations. sqlx's migrator holds a Postgres advisory lock while it
 /// runs, so replicas starting together apply each migration exactly once.
 pub async fn migrate(pool: &PgPool) -> Result<()> {

@@ -89,13 +89,14 @@ impl WriteTx for PgWriteTx {
         rows.iter().map(dpu_row).collect()
     }
 
-    async fn lapsed_dpus(&mut self, now: DateTime<Utc>) -> Result<Vec<String>> {
+    async fn lapsed_dpus(&mut self, now: DateTime<Utc>, limit: usize) -> Result<Vec<String>> {
         let rows = sqlx::query(
             "SELECT serial FROM dpus \
              WHERE ready AND last_heartbeat + lease_duration_ms * interval '1 millisecond' < $1 \
-             FOR UPDATE",
+             ORDER BY last_heartbeat LIMIT $2 FOR UPDATE",
         )
         .bind(now)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&mut *self.tx)
         .await?;
         rows.iter().map(|r| Ok(r.try_get(0)?)).collect()

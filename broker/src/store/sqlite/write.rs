@@ -117,16 +117,17 @@ impl WriteTx for SqliteWriteTx {
         Ok(out)
     }
 
-    async fn lapsed_dpus(&mut self, now: DateTime<Utc>) -> Result<Vec<String>> {
+    async fn lapsed_dpus(&mut self, now: DateTime<Utc>, limit: usize) -> Result<Vec<String>> {
         let rows = sqlx::query("SELECT * FROM dpus WHERE ready = 1").fetch_all(self.c()).await?;
         let mut out = Vec::new();
         for r in rows {
             let d = dpu_row(&r)?;
             if d.last_heartbeat + chrono::Duration::milliseconds(d.lease_duration_ms) < now {
-                out.push(d.serial);
+                out.push((d.last_heartbeat, d.serial));
             }
         }
-        Ok(out)
+        out.sort();
+        Ok(out.into_iter().take(limit).map(|(_, serial)| serial).collect())
     }
 
     async fn live_netdevs_on_dpu(&mut self, serial: String) -> Result<Vec<Key>> {
