@@ -377,6 +377,24 @@ impl HostAgent {
     }
 
     /// A client as the CNI and the device plugin have: a fresh connection to the socket.
+    /// Starts it with `step` armed, makes `call` (the ADD or DEL that runs into the step; it must
+    /// fail), waits for the crash, and starts it again unarmed. Returns when the restart began.
+    async fn crash_at<T, F, Fut>(&mut self, step: &str, what: &str, call: F) -> Instant
+    where
+        T: std::fmt::Debug,
+        F: FnOnce(HostAgentClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mark = self.proc.log_len();
+        self.start(&[step.to_string()]).await;
+        let r = call(self.client().await.unwrap()).await;
+        assert!(r.is_err(), "{step}: the {what} fails with the host agent: {r:?}");
+        self.proc.crashed_at(step, mark).await;
+        let started = Instant::now();
+        self.start(&[]).await;
+        started
+    }
+
     async fn client(&self) -> Result<HostAgentClient<Channel>, String> {
         xpu_sync_common::unix_channel(&self.socket).await.map(HostAgentClient::new).map_err(|e| format!("{e:#}"))
     }
@@ -1152,14 +1170,8 @@ async fn host_agent_crashes_at_every_step(pool: PgPool) {
 
     // ADD runs into the crash; the runtime retries it (same container and interface).
     for (vf, step) in [(0u32, "hostagent.attach.before"), (1, "hostagent.attach.after")] {
-        let mark = agent.proc.log_len();
-        agent.start(&[step.to_string()]).await;
-        let r = agent.client().await.unwrap().attach(attach_request(vf)).await;
-        assert!(r.is_err(), "{step}: the ADD fails with the host agent: {r:?}");
-        agent.proc.crashed_at(step, mark).await;
+        let started = agent.crash_at(step, "ADD", |mut c| async move { c.attach(attach_request(vf)).await }).await;
         crashes += 1;
-        let started = Instant::now();
-        agent.start(&[]).await;
         let resp = retried(&agent, step, |mut c| async move { c.attach(attach_request(vf)).await }).await;
         worst = worst.max(started.elapsed());
         let st = xpu_testkit::netdev_status(&mut admin, NS, &netdev_name(vf)).await.unwrap();
@@ -1172,14 +1184,8 @@ async fn host_agent_crashes_at_every_step(pool: PgPool) {
     // instead of the retry.
     {
         let (vf, step) = (2u32, "hostagent.attach.after");
-        let mark = agent.proc.log_len();
-        agent.start(&[step.to_string()]).await;
-        let r = agent.client().await.unwrap().attach(attach_request(vf)).await;
-        assert!(r.is_err(), "{step}: the ADD fails with the host agent: {r:?}");
-        agent.proc.crashed_at(step, mark).await;
+        let started = agent.crash_at(step, "ADD", |mut c| async move { c.attach(attach_request(vf)).await }).await;
         crashes += 1;
-        let started = Instant::now();
-        agent.start(&[]).await;
         let resp = retried(&agent, step, |mut c| async move { c.detach(detach_request(vf)).await }).await;
         assert!(resp.existed, "{step}: the attachment was recorded before the broker call");
         worst = worst.max(started.elapsed());
@@ -1187,14 +1193,8 @@ async fn host_agent_crashes_at_every_step(pool: PgPool) {
     }
     // DEL runs into the crash; the runtime retries it.
     for (vf, step) in [(0u32, "hostagent.detach.before"), (1, "hostagent.detach.after")] {
-        let mark = agent.proc.log_len();
-        agent.start(&[step.to_string()]).await;
-        let r = agent.client().await.unwrap().detach(detach_request(vf)).await;
-        assert!(r.is_err(), "{step}: the DEL fails with the host agent: {r:?}");
-        agent.proc.crashed_at(step, mark).await;
+        let started = agent.crash_at(step, "DEL", |mut c| async move { c.detach(detach_request(vf)).await }).await;
         crashes += 1;
-        let started = Instant::now();
-        agent.start(&[]).await;
         let resp = retried(&agent, step, |mut c| async move { c.detach(detach_request(vf)).await }).await;
         assert!(resp.existed, "{step}: the attachment was still recorded");
         worst = worst.max(started.elapsed());

@@ -512,6 +512,21 @@ fn duplicate(err: &Error) -> Error {
     }
 }
 
+/// The group commit's intake: waits for one item, then takes whatever else is waiting, up to
+/// `max` in all. `None` when every sender is gone.
+async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, max: usize) -> Option<Vec<T>> {
+    let first = rx.recv().await?;
+    let mut batch = Vec::with_capacity(max.min(rx.len() + 1));
+    batch.push(first);
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
 async fn run_batch(backend: &Backend, config: &StoreConfig, requests: &[&Request]) -> Result<batch::BatchResult> {
     let ctx = BatchContext {
         now: Utc::now(),
@@ -531,16 +546,7 @@ async fn writer(
     mut rx: mpsc::Receiver<Pending>,
     committed: mpsc::Sender<Committed>,
 ) {
-    let mut queue: Vec<Pending> = Vec::with_capacity(config.max_batch);
-    while let Some(first) = rx.recv().await {
-        queue.push(first);
-        while queue.len() < config.max_batch {
-            match rx.try_recv() {
-                Ok(p) => queue.push(p),
-                Err(_) => break,
-            }
-        }
-        let batch: Vec<Pending> = std::mem::take(&mut queue);
+    while let Some(batch) = next_batch(&mut rx, config.max_batch).await {
         let requests: Vec<&Request> = batch.iter().map(|p| &p.request).collect();
         let started = std::time::Instant::now();
         // A batch that outlives the limit may or may not have committed: its callers get
@@ -574,16 +580,7 @@ async fn writer(
 
 /// Group-commits lease renewals: everything waiting (up to `max_batch`) in one statement.
 async fn renewer(pool: PgPool, config: Arc<StoreConfig>, mut rx: mpsc::Receiver<Beat>) {
-    let mut queue: Vec<Beat> = Vec::with_capacity(config.max_batch);
-    while let Some(first) = rx.recv().await {
-        queue.push(first);
-        while queue.len() < config.max_batch {
-            match rx.try_recv() {
-                Ok(b) => queue.push(b),
-                Err(_) => break,
-            }
-        }
-        let batch = std::mem::take(&mut queue);
+    while let Some(batch) = next_batch(&mut rx, config.max_batch).await {
         // One row per DPU: the latest applied revision reported wins.
         let mut latest: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
         for b in &batch {

@@ -93,12 +93,6 @@ async fn broker_watch(engine: Arc<Engine>, client: Client) {
             }
         };
         backoff = Duration::from_millis(200);
-        // The broker's head when the watch opened: once the stream has reached it, this side
-        // is caught up. (A resumed watch whose replay ends at the head gets no bookmark until
-        // the next change, which may be long in coming.) A head below `since` means a snapshot
-        // is coming instead.
-        let head =
-            if caught_up || since == 0 { None } else { broker_head(&engine, &kinds).await.filter(|h| *h >= since) };
         let mut snapshot: Option<Vec<pb::Resource>> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
@@ -139,9 +133,6 @@ async fn broker_watch(engine: Arc<Engine>, client: Client) {
                 }
                 _ = tick.tick() => {}
             }
-            if head.is_some_and(|h| since >= h) {
-                caught_up = true;
-            }
             let drained = engine.pending() == 0 && engine.metrics.idle.load(Ordering::Acquire);
             if drained && caught_up {
                 engine.metrics.ready.store(true, Ordering::Release);
@@ -158,19 +149,6 @@ async fn broker_watch(engine: Arc<Engine>, client: Client) {
             }
         }
         tokio::time::sleep(backoff).await;
-    }
-}
-
-/// The broker's head revision (a one-item List reads it); None if the broker does not answer
-/// (then a bookmark or the next change tells).
-async fn broker_head(engine: &Engine, kinds: &[i32]) -> Option<i64> {
-    let req = pb::ListRequest { kind: *kinds.first()?, limit: 1, ..Default::default() };
-    match engine.broker.clone().list(req).await {
-        Ok(r) => Some(r.into_inner().revision),
-        Err(e) => {
-            tracing::debug!(error = %e.message(), "cannot read the broker's head; waiting for a bookmark");
-            None
-        }
     }
 }
 
