@@ -32,6 +32,8 @@ async fn attach_returns_connected_once_the_dpu_reports(b: TestBroker) {
         .await
         .unwrap()
         .into_inner();
+    // Written after the snapshot, the netdev comes as a live change.
+    snapshot_end(&mut desired).await;
 
     let mut host = b.host("node-1").await;
     let spec = mk_netdev_spec("dpu-a", 7, "node-1", "net-a");
@@ -49,7 +51,7 @@ async fn attach_returns_connected_once_the_dpu_reports(b: TestBroker) {
             .await
         })
     };
-    // The agent receives the netdev (after its snapshot) with the broker-allocated address.
+    // The agent receives the netdev with the broker-allocated address.
     let nd = loop {
         let ev = next_change(&mut desired, Duration::from_secs(5)).await.expect("desired change");
         if let Some(E::Change(c)) = ev.event

@@ -649,6 +649,7 @@ async fn an_attach_moves_the_histograms_and_counters(pool: sqlx::PgPool) {
         .await
         .unwrap()
         .into_inner();
+    snapshot_end(&mut desired).await;
     let mut host = b.host("node-m").await;
     let spec = mk_netdev_spec("dpu-m", 0, "node-m", "net-m");
     let attach = tokio::spawn(async move {

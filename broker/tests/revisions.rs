@@ -105,19 +105,7 @@ async fn resume_compaction_and_tombstones(b: TestBroker) {
         .await
         .unwrap()
         .into_inner();
-    let last_applied;
-    loop {
-        let ev = next_change(&mut desired, Duration::from_secs(5)).await.expect("snapshot");
-        match ev.event {
-            Some(E::SnapshotEnd(_)) => {
-                last_applied = ev.revision;
-                break;
-            }
-            Some(E::Resync(r)) => assert_eq!(r.reason, pb::resync::Reason::Initial as i32),
-            Some(E::Change(c)) => assert_eq!(c.r#type, pb::ChangeType::Snapshot as i32),
-            _ => {}
-        }
-    }
+    let last_applied = snapshot_end(&mut desired).await;
     // The LogicalBridge (no selector) is desired by every DPU: it came in the snapshot.
     assert!(last_applied > 0);
 

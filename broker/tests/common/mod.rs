@@ -304,6 +304,20 @@ pub async fn next_change(stream: &mut tonic::Streaming<pb::WatchEvent>, within: 
     }
 }
 
+/// Reads a fresh stream's snapshot to its end and returns the revision it ends at. A test that
+/// writes after this sees its write as a live change, never inside the snapshot.
+pub async fn snapshot_end(stream: &mut tonic::Streaming<pb::WatchEvent>) -> i64 {
+    loop {
+        let ev = next_change(stream, Duration::from_secs(10)).await.expect("the snapshot ends");
+        match ev.event {
+            Some(pb::watch_event::Event::SnapshotEnd(_)) => return ev.revision,
+            Some(pb::watch_event::Event::Resync(r)) => assert_eq!(r.reason, pb::resync::Reason::Initial as i32),
+            Some(pb::watch_event::Event::Change(c)) => assert_eq!(c.r#type, pb::ChangeType::Snapshot as i32),
+            other => panic!("not part of a snapshot: {other:?}"),
+        }
+    }
+}
+
 pub fn assert_invalid(status: &tonic::Status, field: &str) {
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(
