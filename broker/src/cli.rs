@@ -125,12 +125,16 @@ struct ServeArgs {
     #[arg(long, env = "XPU_DEV")]
     dev: bool,
     /// Postgres connections for reads and snapshots; the writer and the lease renewer have
-    /// two more of their own.
+    /// three more of their own.
     #[arg(long, env = "XPU_DB_MAX_CONNECTIONS", default_value_t = 16)]
     db_max_connections: u32,
     /// Longest a request waits for the database before it is refused as UNAVAILABLE (retry).
     #[arg(long, env = "XPU_DB_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     db_timeout: Duration,
+    /// Decide the next group commit while the previous one commits (Postgres); `false` writes
+    /// one batch at a time.
+    #[arg(long, env = "XPU_WRITER_PIPELINE", default_value_t = true, action = clap::ArgAction::Set)]
+    writer_pipeline: bool,
     /// Server certificate (PEM), reloaded when it changes.
     #[arg(long, env = "XPU_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -291,6 +295,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         dev,
         db_max_connections,
         db_timeout,
+        writer_pipeline,
         tls_cert,
         tls_key,
         client_ca,
@@ -337,6 +342,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.http_addr = http_addr;
     config.max_db_connections = db_max_connections;
     config.store.op_timeout = db_timeout;
+    config.store.pipeline = writer_pipeline;
     config.service.lease_duration = lease_duration;
     config.service.heartbeat_interval = heartbeat_interval;
     config.service.attach_timeout = attach_timeout;

@@ -97,6 +97,8 @@ pub static CHANGES_DELETED: AtomicU64 = AtomicU64::new(0);
 pub static COMMIT: Histogram = Histogram::new(LATENCY_BOUNDS);
 pub static BATCHES: AtomicU64 = AtomicU64::new(0);
 pub static BATCH_REQUESTS: AtomicU64 = AtomicU64::new(0);
+pub static BATCHES_AHEAD: AtomicU64 = AtomicU64::new(0);
+pub static BATCHES_REDECIDED: AtomicU64 = AtomicU64::new(0);
 pub static RENEWAL_BATCHES: AtomicU64 = AtomicU64::new(0);
 pub static RENEWALS: AtomicU64 = AtomicU64::new(0);
 pub static RENEWAL: Histogram = Histogram::new(LATENCY_BOUNDS);
@@ -109,6 +111,12 @@ pub fn record_batch(size: usize, took: Duration) {
     BATCH_SIZE.observe_value(size as f64);
     BATCH_REQUESTS.fetch_add(size as u64, Ordering::Relaxed);
     COMMIT.observe(took);
+}
+
+/// A batch decided while the one before it committed: `true` when what it read held, `false`
+/// when it had to be decided again.
+pub fn record_decided_ahead(held: bool) {
+    if held { &BATCHES_AHEAD } else { &BATCHES_REDECIDED }.fetch_add(1, Ordering::Relaxed);
 }
 
 pub fn record_renewals(size: usize, took: Duration) {
@@ -292,6 +300,18 @@ pub fn render(g: &Gauges) -> String {
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
     line("xpu_store_batches_total", "Write transactions committed.", "counter", load(&BATCHES));
     line("xpu_store_batch_requests_total", "Write requests handled in batches.", "counter", load(&BATCH_REQUESTS));
+    line(
+        "xpu_store_batches_decided_ahead_total",
+        "Write transactions decided while the one before them committed.",
+        "counter",
+        load(&BATCHES_AHEAD),
+    );
+    line(
+        "xpu_store_batches_redecided_total",
+        "Write transactions decided ahead whose reads did not hold (the one before failed, or another replica wrote): decided again.",
+        "counter",
+        load(&BATCHES_REDECIDED),
+    );
     line("xpu_lease_renewal_batches_total", "Lease renewal statements run.", "counter", load(&RENEWAL_BATCHES));
     line("xpu_lease_renewals_total", "Heartbeats handled by the lease renewer.", "counter", load(&RENEWALS));
     line("xpu_attach_failures_total", "AttachNetdev calls that failed.", "counter", load(&ATTACH_FAILURES));

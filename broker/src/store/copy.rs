@@ -46,7 +46,7 @@ async fn load<T: WriteTx>(mut tx: T, d: Dump) -> Result<()> {
         objects,
         routes,
         statuses: d.statuses,
-        log: d.log,
+        log: d.log.into_iter().map(std::sync::Arc::new).collect(),
         allocations: d.allocations,
         pool_offsets: d.pools,
         dpus: d.dpus,

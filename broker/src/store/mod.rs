@@ -9,16 +9,16 @@ pub mod copy;
 pub mod postgres;
 pub mod rows;
 pub mod sqlite;
+mod writer;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use chrono::Utc;
 use sqlx::{PgPool, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::postgres::FleetCounts;
 use self::{
-    batch::{BatchContext, Reply, Request},
+    batch::{Reply, Request},
     rows::*,
 };
 use crate::{
@@ -52,6 +52,8 @@ pub struct StoreConfig {
     /// Snapshots (initial syncs, resyncs) read at once; each holds a pooled connection, so this
     /// stays well below the pool size.
     pub max_snapshots: usize,
+    /// Decide the next batch while the previous one commits (Postgres).
+    pub pipeline: bool,
 }
 
 impl Default for StoreConfig {
@@ -63,6 +65,7 @@ impl Default for StoreConfig {
             replica: uuid::Uuid::new_v4().to_string(),
             op_timeout: Duration::from_secs(10),
             max_snapshots: 4,
+            pipeline: true,
         }
     }
 }
@@ -203,11 +206,11 @@ impl Store {
             Backend::Postgres(pool) => Backend::Postgres(postgres::write_pool(pool)),
             Backend::Sqlite(..) => backend.clone(),
         };
-        tokio::spawn(writer(writes.clone(), Arc::clone(&config), rx, committed));
+        tokio::spawn(writer::writer(writes.clone(), Arc::clone(&config), rx, committed));
         let renewer = match &writes {
             Backend::Postgres(pool) => {
                 let (beats, rx) = mpsc::channel(config.queue_capacity);
-                tokio::spawn(renewer(pool.clone(), Arc::clone(&config), rx));
+                tokio::spawn(writer::renewer(pool.clone(), Arc::clone(&config), rx));
                 Some(beats)
             }
             Backend::Sqlite(..) => None,
@@ -501,122 +504,4 @@ async fn bounded<T>(limit: Duration, f: impl std::future::Future<Output = Result
 
 fn unexpected(reply: &Reply) -> Error {
     Error::internal(format!("store writer answered with {reply:?}"))
-}
-
-/// The same failure for every request of a failed batch.
-fn duplicate(err: &Error) -> Error {
-    match err {
-        Error::Unavailable(cause) => Error::Unavailable(cause.to_string().into()),
-        Error::Internal(cause) => Error::Internal(cause.to_string().into()),
-        other => Error::internal(other.to_string()),
-    }
-}
-
-/// The group commit's intake: waits for one item, then takes whatever else is waiting, up to
-/// `max` in all. `None` when every sender is gone.
-async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, max: usize) -> Option<Vec<T>> {
-    let first = rx.recv().await?;
-    let mut batch = Vec::with_capacity(max.min(rx.len() + 1));
-    batch.push(first);
-    while batch.len() < max {
-        match rx.try_recv() {
-            Ok(item) => batch.push(item),
-            Err(_) => break,
-        }
-    }
-    Some(batch)
-}
-
-async fn run_batch(backend: &Backend, config: &StoreConfig, requests: &[&Request]) -> Result<batch::BatchResult> {
-    let ctx = BatchContext {
-        now: Utc::now(),
-        lease_duration_ms: i64::try_from(config.lease_duration.as_millis()).unwrap_or(i64::MAX),
-    };
-    match backend {
-        Backend::Postgres(pool) => {
-            batch::run(postgres::PgWriteTx::begin(pool, &config.replica).await?, requests, &ctx).await
-        }
-        Backend::Sqlite(pool, _) => batch::run(sqlite::SqliteWriteTx::begin(pool).await?, requests, &ctx).await,
-    }
-}
-
-async fn writer(
-    pool: Backend,
-    config: Arc<StoreConfig>,
-    mut rx: mpsc::Receiver<Pending>,
-    committed: mpsc::Sender<Committed>,
-) {
-    while let Some(batch) = next_batch(&mut rx, config.max_batch).await {
-        let requests: Vec<&Request> = batch.iter().map(|p| &p.request).collect();
-        let started = std::time::Instant::now();
-        // A batch that outlives the limit may or may not have committed: its callers get
-        // UNAVAILABLE (retry), and the fan-out finds any commit in the log.
-        let result = bounded(config.op_timeout, run_batch(&pool, &config, &requests)).await;
-        crate::metrics::record_batch(batch.len(), started.elapsed());
-        match result {
-            Ok(res) => deliver(res, batch, &committed).await,
-            Err(err) if batch.len() > 1 && !matches!(err, Error::Unavailable(_)) => {
-                // Find the request that broke the transaction: commit each on its own.
-                tracing::warn!(error = %err, size = batch.len(), "batch failed, retrying requests one by one");
-                for p in batch {
-                    let res = bounded(config.op_timeout, run_batch(&pool, &config, &[&p.request])).await;
-                    match res {
-                        Ok(res) => deliver(res, vec![p], &committed).await,
-                        Err(e) => {
-                            let _ = p.reply.send(Err(e));
-                        }
-                    }
-                }
-            }
-            Err(err) => {
-                for p in batch {
-                    let _ = p.reply.send(Err(duplicate(&err)));
-                }
-            }
-        }
-    }
-    tracing::debug!("store writer stopped");
-}
-
-/// Group-commits lease renewals: everything waiting (up to `max_batch`) in one statement.
-async fn renewer(pool: PgPool, config: Arc<StoreConfig>, mut rx: mpsc::Receiver<Beat>) {
-    while let Some(batch) = next_batch(&mut rx, config.max_batch).await {
-        // One row per DPU: the latest applied revision reported wins.
-        let mut latest: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
-        for b in &batch {
-            let rev = latest.entry(b.serial.as_str()).or_insert(b.applied_revision);
-            *rev = (*rev).max(b.applied_revision);
-        }
-        let (serials, revisions): (Vec<String>, Vec<i64>) = latest.into_iter().map(|(s, r)| (s.to_string(), r)).unzip();
-        let started = std::time::Instant::now();
-        let result = bounded(config.op_timeout, postgres::renew_leases(&pool, Utc::now(), &serials, &revisions)).await;
-        crate::metrics::record_renewals(batch.len(), started.elapsed());
-        match result {
-            Ok(renewed) => {
-                let renewed: std::collections::HashSet<String> = renewed.into_iter().collect();
-                for b in batch {
-                    let _ = b.reply.send(Ok(renewed.contains(&b.serial)));
-                }
-            }
-            Err(err) => {
-                for b in batch {
-                    let _ = b.reply.send(Err(duplicate(&err)));
-                }
-            }
-        }
-    }
-    tracing::debug!("lease renewer stopped");
-}
-
-async fn deliver(res: batch::BatchResult, batch: Vec<Pending>, committed: &mpsc::Sender<Committed>) {
-    if !res.events.is_empty() {
-        let events = res.events.into_iter().map(Arc::new).collect();
-        // The fan-out must see every commit in order; waiting here applies back-pressure.
-        if committed.send(Committed { events, head: res.head }).await.is_err() {
-            tracing::debug!("fan-out stopped; committed changes reach watchers through the log");
-        }
-    }
-    for (p, reply) in batch.into_iter().zip(res.replies) {
-        let _ = p.reply.send(reply);
-    }
 }

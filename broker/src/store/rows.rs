@@ -110,7 +110,8 @@ pub struct Flush {
     pub purge_statuses: Vec<Key>,
     pub statuses: Vec<StatusRow>,
     pub delete_statuses: Vec<(Key, String)>,
-    pub log: Vec<crate::model::event::Event>,
+    /// The log entries, shared with the fan-out.
+    pub log: Vec<std::sync::Arc<crate::model::event::Event>>,
     /// Netdevs whose allocation changed: every row of theirs goes, then `allocations` go in.
     pub release_allocations: Vec<(String, String)>,
     pub allocations: Vec<Allocation>,

@@ -8,11 +8,15 @@
 
 mod dpu;
 mod netdev;
+mod speculative;
+
+pub(crate) use self::speculative::{Ahead, Speculative};
 
 use std::{
     collections::{HashMap, HashSet},
     future::Future,
     net::IpAddr,
+    sync::Arc,
 };
 
 use chrono::{DateTime, Utc};
@@ -103,7 +107,7 @@ pub(crate) struct BatchContext {
 
 pub(crate) struct BatchResult {
     pub replies: Vec<Result<Reply>>,
-    pub events: Vec<Event>,
+    pub events: Vec<Arc<Event>>,
     pub head: i64,
 }
 
@@ -186,7 +190,20 @@ fn put_back<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, key: K, prev: O
     }
 }
 
-pub(crate) async fn run<T: WriteTx>(mut tx: T, requests: &[&Request], ctx: &BatchContext) -> Result<BatchResult> {
+/// A batch decided but not yet written: its transaction (loads done, nothing written), what to
+/// write, and the replies to give once it commits.
+pub(crate) struct Prepared<T> {
+    pub tx: T,
+    pub flush: Arc<Flush>,
+    replies: Vec<Result<Reply>>,
+}
+
+pub(crate) async fn run<T: WriteTx>(tx: T, requests: &[&Request], ctx: &BatchContext) -> Result<BatchResult> {
+    finish(prepare(tx, requests, ctx).await?).await
+}
+
+/// Applies the requests, in order, to a working set loaded inside `tx`.
+pub(crate) async fn prepare<T: WriteTx>(mut tx: T, requests: &[&Request], ctx: &BatchContext) -> Result<Prepared<T>> {
     let head = tx.lock_head().await?;
     let mut ws = Working {
         ctx,
@@ -223,17 +240,20 @@ pub(crate) async fn run<T: WriteTx>(mut tx: T, requests: &[&Request], ctx: &Batc
         }
         replies.push(reply);
     }
-    let flush = ws.into_flush();
-    let new_head = flush.head;
+    Ok(Prepared { tx, flush: Arc::new(ws.into_flush()), replies })
+}
+
+/// Writes a prepared batch and commits it.
+pub(crate) async fn finish<T: WriteTx>(p: Prepared<T>) -> Result<BatchResult> {
+    let Prepared { mut tx, flush, mut replies } = p;
     let compacted = tx.flush(&flush).await?;
     tx.commit().await?;
-    let events = flush.log;
     for reply in &mut replies {
         if let Ok(Reply::Compacted(c)) = reply {
             *c = compacted;
         }
     }
-    Ok(BatchResult { replies, events, head: new_head })
+    Ok(BatchResult { replies, events: flush.log.clone(), head: flush.head })
 }
 
 fn decode<T: serde::de::DeserializeOwned>(json: &Value, what: &str) -> Result<T> {
@@ -854,7 +874,7 @@ impl Working<'_> {
             }
         }
         flush.delete_dpus = self.dpus_deleted;
-        flush.log = self.events;
+        flush.log = self.events.into_iter().map(Arc::new).collect();
         flush
     }
 }

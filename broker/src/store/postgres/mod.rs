@@ -51,10 +51,11 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
 
 /// The connections of the writer and the lease renewer, apart from the readers' pool (same
 /// options): a burst of reads — thousands of streams opening at once — must never leave a
-/// commit waiting for a connection.
+/// commit waiting for a connection. Three: the batch committing, the batch decided behind it
+/// (see `store::writer`), and the lease renewer.
 pub fn write_pool(readers: &PgPool) -> PgPool {
     PgPoolOptions::new()
-        .max_connections(2)
+        .max_connections(3)
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy_with((*readers.connect_options()).clone())
 }
