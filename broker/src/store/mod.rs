@@ -52,7 +52,8 @@ pub struct StoreConfig {
     /// Snapshots (initial syncs, resyncs) read at once; each holds a pooled connection, so this
     /// stays well below the pool size.
     pub max_snapshots: usize,
-    /// Decide the next batch while the previous one commits (Postgres).
+    /// Decide the next batch while the previous one commits (Postgres). Off by default: with
+    /// 10,000 agents opening their streams at once it starved the readers' pool (BENCHMARKS.md).
     pub pipeline: bool,
 }
 
@@ -65,7 +66,7 @@ impl Default for StoreConfig {
             replica: uuid::Uuid::new_v4().to_string(),
             op_timeout: Duration::from_secs(10),
             max_snapshots: 4,
-            pipeline: true,
+            pipeline: false,
         }
     }
 }

@@ -221,30 +221,36 @@ async fn pipelined(
         let started = Instant::now();
         let requests: Vec<&Request> = batch.iter().map(|p| &p.request).collect();
         let ctx = context(&config);
-        // Decide this batch while the one ahead commits.
-        let speculative = match &in_flight {
-            Some(f) if f.readable() => {
-                let ahead = Arc::new(Ahead::of(Arc::clone(&f.flush)));
-                let outcome = f.outcome.clone();
-                Some(
-                    bounded(config.op_timeout, async {
-                        let tx = postgres::PgWriteTx::begin(&pool, &config.replica).await?;
-                        batch::prepare(Speculative::new(tx, ahead, outcome), &requests, &ctx).await
-                    })
-                    .await,
-                )
+        // Decide this batch while the one ahead commits; the one ahead is answered (and fanned
+        // out) as soon as it has committed, before this one is written: revision order.
+        let ahead = in_flight.take();
+        let readable = ahead.as_ref().filter(|f| f.readable()).map(|f| (Arc::clone(&f.flush), f.outcome.clone()));
+        let decide_ahead = async {
+            match readable {
+                Some((flush, outcome)) => {
+                    let view = Arc::new(Ahead::of(flush));
+                    Some(
+                        bounded(config.op_timeout, async {
+                            let tx = postgres::PgWriteTx::begin(&pool, &config.replica).await?;
+                            batch::prepare(Speculative::new(tx, view, outcome), &requests, &ctx).await
+                        })
+                        .await,
+                    )
+                }
+                None => None,
             }
-            _ => None,
         };
+        let land_ahead = async {
+            match ahead {
+                Some(f) => {
+                    let done = f.task.await;
+                    land(&backend, &config, f.batch, f.started, joined(done), &committed).await
+                }
+                None => true,
+            }
+        };
+        let (speculative, ahead_committed) = tokio::join!(decide_ahead, land_ahead);
         let ahead_speculated = speculative.is_some();
-        // The batch ahead is answered (and fanned out) first: revision order.
-        let ahead_committed = match in_flight.take() {
-            Some(f) => {
-                let done = f.task.await;
-                land(&backend, &config, f.batch, f.started, joined(done), &committed).await
-            }
-            None => true,
-        };
         let confirmed = match speculative {
             Some(Ok(mut p)) if ahead_committed => match bounded(config.op_timeout, p.tx.confirm()).await {
                 Ok(true) => Some(p),

@@ -102,6 +102,8 @@ pub fn test_config(pki: &Pki) -> Config {
     config.service.lease_duration = Duration::from_secs(3);
     config.service.heartbeat_interval = Duration::from_secs(1);
     config.service.attach_timeout = Duration::from_secs(5);
+    // Postgres runs the pipelined writer (the embedded store has one writer anyway).
+    config.store.pipeline = true;
     config
 }
 
