@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use sqlx::PgPool;
-use xpu_fault::{broker::BrokerProcess, report};
+use xpu_fault::report;
 use xpu_proto::broker::v1 as pb;
-use xpu_testkit::{Pki, seed_fabric};
+use xpu_testkit::Pki;
 
 const SCENARIO: &str = "agent-crash";
 const SERIAL: &str = "bf3-fp";
@@ -45,10 +45,7 @@ async fn connected(
 async fn crashes_at_every_step_leave_a_consistent_end_state(pool: PgPool) {
     let work = tempfile::tempdir().unwrap();
     let pki = Pki::new(&[]);
-    let broker = BrokerProcess::start(&database_url(&pool), &pki, work.path(), &[]).await;
-    let url = broker_url(&broker);
-    let mut admin = admin(&pki, &broker).await;
-    seed_fabric(&mut admin).await;
+    let Seeded { broker, url, mut admin } = seeded_broker(&pool, &pki, work.path(), &[]).await;
     let mut dpu = Dpu::start(&pki, &url, SERIAL, &[]).await;
     let host = host(&pki, &broker, "node-fp").await;
     let mut live: Vec<u32> = Vec::new();

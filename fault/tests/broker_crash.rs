@@ -20,9 +20,9 @@ use std::{
 use common::*;
 use rand::Rng;
 use sqlx::PgPool;
-use xpu_fault::{broker::BrokerProcess, report, scale};
+use xpu_fault::{report, scale};
 use xpu_proto::broker::v1 as pb;
-use xpu_testkit::{Pki, apply, meta, seed_fabric};
+use xpu_testkit::{Pki, apply, meta};
 
 const SCENARIO: &str = "broker-crash";
 const DPUS: usize = 3;
@@ -46,16 +46,8 @@ async fn acknowledged_writes_survive_sigkill_and_everyone_resumes(pool: PgPool) 
     let kills: usize = scale(3, 20);
     let work = tempfile::tempdir().unwrap();
     let pki = Pki::new(&[]);
-    let mut broker = BrokerProcess::start(
-        &database_url(&pool),
-        &pki,
-        work.path(),
-        &["--lease-duration", "10s", "--heartbeat-interval", "1s"],
-    )
-    .await;
-    let url = broker_url(&broker);
-    let mut admin = admin(&pki, &broker).await;
-    seed_fabric(&mut admin).await;
+    let args = ["--lease-duration", "10s", "--heartbeat-interval", "1s"];
+    let Seeded { mut broker, url, admin } = seeded_broker(&pool, &pki, work.path(), &args).await;
     let mut dpus = Vec::new();
     for i in 0..DPUS {
         dpus.push(Dpu::start(&pki, &url, &format!("bf3-crash{i}"), &[]).await);

@@ -23,7 +23,7 @@ use xpu_fault::{
     report, scale,
 };
 use xpu_proto::broker::v1::{self as pb, admin_service_client::AdminServiceClient};
-use xpu_testkit::{Pki, apply, meta, seed_fabric};
+use xpu_testkit::{Pki, apply, meta};
 
 const SCENARIO: &str = "partitions";
 
@@ -43,15 +43,8 @@ async fn a_cut_off_agent_keeps_its_dataplane_and_resumes(pool: PgPool) {
     let cut = Duration::from_secs(scale(40, 180));
     let work = tempfile::tempdir().unwrap();
     let pki = Pki::new(&[]);
-    let broker = BrokerProcess::start(
-        &database_url(&pool),
-        &pki,
-        work.path(),
-        &["--lease-duration", "10s", "--heartbeat-interval", "2s"],
-    )
-    .await;
-    let mut admin = admin(&pki, &broker).await;
-    seed_fabric(&mut admin).await;
+    let args = ["--lease-duration", "10s", "--heartbeat-interval", "2s"];
+    let Seeded { broker, url: _, admin } = seeded_broker(&pool, &pki, work.path(), &args).await;
     let proxy = Proxy::start(broker.grpc).await;
     let via_proxy = format!("https://127.0.0.1:{}", proxy.addr.port());
     let serial = "bf3-part";

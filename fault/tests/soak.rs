@@ -18,9 +18,9 @@ use std::{
 
 use common::*;
 use sqlx::PgPool;
-use xpu_fault::{broker::BrokerProcess, report, scale};
+use xpu_fault::{report, scale};
 use xpu_proto::broker::v1 as pb;
-use xpu_testkit::{Pki, apply, meta, seed_fabric};
+use xpu_testkit::{Pki, apply, meta};
 
 const SCENARIO: &str = "soak";
 const WRITES_PER_SECOND: u64 = 50;
@@ -40,10 +40,7 @@ async fn memory_descriptors_and_latency_stay_flat(pool: PgPool) {
     );
     let work = tempfile::tempdir().unwrap();
     let pki = Pki::new(&[]);
-    let broker = BrokerProcess::start(&database_url(&pool), &pki, work.path(), &[]).await;
-    let url = broker_url(&broker);
-    let mut admin = admin(&pki, &broker).await;
-    seed_fabric(&mut admin).await;
+    let Seeded { broker, url, mut admin } = seeded_broker(&pool, &pki, work.path(), &[]).await;
     let dpus = [Dpu::start(&pki, &url, "bf3-soak0", &[]).await, Dpu::start(&pki, &url, "bf3-soak1", &[]).await];
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));

@@ -43,14 +43,11 @@ use xpu_proto::{
     broker::v1::{self as pb, admin_service_client::AdminServiceClient, host_service_client::HostServiceClient},
     host::v1::{self as hv, host_agent_client::HostAgentClient},
 };
-use xpu_sync_common::{
-    cluster::{
-        engine::{FINALIZER, MIRROR_LABEL},
-        kinds::api_resource,
-    },
-    crd,
+use xpu_sync_common::cluster::{
+    engine::{FINALIZER, MIRROR_LABEL},
+    kinds::api_resource,
 };
-use xpu_testkit::{Pki, seed_fabric};
+use xpu_testkit::Pki;
 
 const SCENARIO: &str = "syncer-crash";
 const SERIAL: &str = "bf3-sc";
@@ -84,20 +81,8 @@ struct Kube {
 
 impl Kube {
     async fn start(dir: &Path, name: &str) -> Kube {
-        let server = FakeApiServer::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let client = Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
-        let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
-            Api::all(client.clone());
-        for c in crd::all() {
-            crds.create(&PostParams::default(), &c).await.unwrap();
-        }
-        let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-        for n in ["xpu-system", NS] {
-            let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}});
-            ns.create(&PostParams::default(), &serde_json::from_value(body).unwrap()).await.unwrap();
-        }
-        let kubeconfig = dir.join(format!("{name}.kubeconfig"));
-        std::fs::write(&kubeconfig, server.kubeconfig_yaml()).unwrap();
+        let xpu_testkit::cluster::FakeCluster { server, client, kubeconfig } =
+            xpu_testkit::cluster::fake_cluster(dir, name, &[NS]).await;
         let events = Arc::new(Mutex::new(Events::default()));
         let from = server.resource_version().to_string();
         for kind in [pb::Kind::Netdev, pb::Kind::LogicalBridge] {
@@ -497,10 +482,7 @@ impl Env {
     async fn new(pool: &PgPool) -> Env {
         let work = tempfile::tempdir().unwrap();
         let pki = Pki::new(&[]);
-        let broker = BrokerProcess::start(&database_url(pool), &pki, work.path(), &[]).await;
-        let url = broker_url(&broker);
-        let mut admin = admin(&pki, &broker).await;
-        seed_fabric(&mut admin).await;
+        let Seeded { broker, url, admin } = seeded_broker(pool, &pki, work.path(), &[]).await;
         let dpu = Dpu::start(&pki, &url, SERIAL, &[]).await;
         let host = host(&pki, &broker, NODE).await;
         let tenant = Kube::start(work.path(), "tenant").await;
@@ -1148,10 +1130,7 @@ async fn host_agent_crashes_at_every_step(pool: PgPool) {
     const SCENARIO_HOST: &str = "syncer-crash-host-agent";
     let work = tempfile::tempdir().unwrap();
     let pki = Pki::new(&[]);
-    let broker = BrokerProcess::start(&database_url(&pool), &pki, work.path(), &[]).await;
-    let url = broker_url(&broker);
-    let mut admin = admin(&pki, &broker).await;
-    seed_fabric(&mut admin).await;
+    let Seeded { broker, url, mut admin } = seeded_broker(&pool, &pki, work.path(), &[]).await;
     let dpu = Dpu::start(&pki, &url, SERIAL, &[]).await;
     let mut agent = HostAgent::new(&pki, &url, work.path());
     agent.start(&[]).await;

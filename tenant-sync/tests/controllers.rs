@@ -7,42 +7,23 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use kube::{
-    Api, Client,
+    Api,
     api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams},
 };
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use xpu_fake_apiserver::FakeApiServer;
 use xpu_proto::broker::v1::{
     self as pb, admin_service_client::AdminServiceClient, agent_service_client::AgentServiceClient,
 };
-use xpu_sync_common::{cluster::kinds::api_resource, crd};
+use xpu_sync_common::cluster::kinds::api_resource;
 use xpu_testkit::*;
 
 const TENANT_SYNC: &str = env!("CARGO_BIN_EXE_tenant-sync");
 
-struct Cluster {
-    server: FakeApiServer,
-    client: Client,
-    kubeconfig: std::path::PathBuf,
-}
+type Cluster = xpu_testkit::cluster::FakeCluster;
 
 async fn cluster(dir: &Path, name: &str) -> Cluster {
-    let server = FakeApiServer::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let client = Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
-    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
-        Api::all(client.clone());
-    for c in crd::all() {
-        crds.create(&PostParams::default(), &c).await.unwrap();
-    }
-    let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-    for n in ["xpu-system", "pods"] {
-        let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}});
-        ns.create(&PostParams::default(), &serde_json::from_value(body).unwrap()).await.unwrap();
-    }
-    let kubeconfig = dir.join(format!("{name}.kubeconfig"));
-    std::fs::write(&kubeconfig, server.kubeconfig_yaml()).unwrap();
-    Cluster { server, client, kubeconfig }
+    xpu_testkit::cluster::fake_cluster(dir, name, &["pods"]).await
 }
 
 fn api(c: &Cluster, kind: pb::Kind, ns: Option<&str>) -> Api<DynamicObject> {

@@ -3,6 +3,8 @@
 //! Test code only: it panics on any setup failure, with the reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cluster;
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},

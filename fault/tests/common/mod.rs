@@ -299,6 +299,22 @@ pub fn broker_url(b: &BrokerProcess) -> String {
     format!("https://127.0.0.1:{}", b.grpc.port())
 }
 
+/// A broker process on the test's database with the fabric seeded.
+pub struct Seeded {
+    pub broker: BrokerProcess,
+    pub url: String,
+    pub admin: AdminServiceClient<Channel>,
+}
+
+/// Starts the broker (`args` added to `serve`) and seeds the fabric through an admin client.
+pub async fn seeded_broker(pool: &PgPool, pki: &Pki, work: &std::path::Path, args: &[&str]) -> Seeded {
+    let broker = BrokerProcess::start(&database_url(pool), pki, work, args).await;
+    let url = broker_url(&broker);
+    let mut admin = admin(pki, &broker).await;
+    xpu_testkit::seed_fabric(&mut admin).await;
+    Seeded { broker, url, admin }
+}
+
 pub async fn admin(pki: &Pki, b: &BrokerProcess) -> AdminServiceClient<Channel> {
     AdminServiceClient::new(pki.channel(b.grpc, "admin/fault").await)
 }
