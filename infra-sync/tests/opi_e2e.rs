@@ -195,7 +195,13 @@ async fn netdevs_become_opi_bridge_ports_that_go_from_pending_to_up(pool: PgPool
     let connected = phases.iter().position(|p| p == "Connected");
     assert!(connecting.is_some() && connecting < connected, "Connecting before Connected: {phases:?}");
     assert!(!phases.contains(&"Error".to_string()), "{phases:?}");
-    let samples = sampler.seen.lock().unwrap().clone();
+    // The port went UP before the agent reported it; the sampler, polling every 20 ms, may not
+    // have seen UP yet when the attach returned. The port stays UP, so the next sample shows it.
+    let samples = eventually(Duration::from_secs(5), "an UP sample", || {
+        let samples = sampler.seen.lock().unwrap().clone();
+        async move { samples.iter().any(|(o, _)| *o == gw::BpOperStatus::Up as i32).then_some(samples) }
+    })
+    .await;
     let pending = gw::CompStatus::Pending as i32;
     let first_up = samples.iter().position(|(o, _)| *o == gw::BpOperStatus::Up as i32);
     let down = samples.iter().position(|(o, c)| *o == gw::BpOperStatus::Down as i32 && c.iter().all(|s| *s == pending));
