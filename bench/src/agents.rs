@@ -301,6 +301,9 @@ impl DpuAgent {
     /// heartbeats.
     pub async fn watch(&mut self, since: i64, fleet: &Arc<Fleet>, epoch: Instant) -> anyhow::Result<()> {
         let mut c = self.client()?;
+        // Where the stream resumes if the broker ends it before it delivered anything: `since`
+        // covers all this agent holds, so resuming from 0 (a full snapshot) would be wasted.
+        self.state.revision.fetch_max(since, Ordering::AcqRel);
         let first = open_watch(&mut c, &self.serial, since).await?;
         let (tx, rx) = mpsc::unbounded_channel::<pb::StatusReport>();
         let reporter = tokio::spawn(report_loop(c.clone(), self.serial.clone(), rx, Arc::clone(fleet)));

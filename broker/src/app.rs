@@ -104,8 +104,10 @@ impl App {
         let tls = ReloadingConfig::load(config.tls.clone()).context("loading TLS certificates")?;
         let mut store_config = config.store.clone();
         store_config.lease_duration = config.service.lease_duration;
-        // Leave most connections to the writer and to reads.
+        // Snapshots take at most a quarter of the readers' connections and streams reading
+        // their start at most half: the rest stays free for requests and the fan-out.
         store_config.max_snapshots = (config.max_db_connections as usize / 4).max(1);
+        store_config.max_stream_openings = (config.max_db_connections as usize / 2).max(1);
         // Commits waiting for the fan-out; the writer waits when it is full.
         let (committed_tx, committed_rx) = mpsc::channel(1024);
         let store = Store::start(backend.clone(), store_config, committed_tx);

@@ -293,6 +293,44 @@ async fn leases_lapse_without_heartbeats_and_come_back(b: TestBroker) {
     b.stop().await;
 }
 
+conformance!(an_agent_watching_from_its_registration_revision_needs_no_resync);
+/// Register answers a revision at or past the registration's own commit, even while the fan-out
+/// is still behind it: watching from there neither replays the agent's own registration nor
+/// costs it a snapshot, for first registrations and for re-registrations that change labels.
+async fn an_agent_watching_from_its_registration_revision_needs_no_resync(b: TestBroker) {
+    use futures::StreamExt;
+    let broker = &b;
+    let check = |serial: String, rack: &'static str| async move {
+        let mut agent = broker.agent(&serial).await;
+        let resp = agent
+            .register(pb::RegisterRequest {
+                serial: serial.clone(),
+                labels: [("rack".to_string(), rack.to_string())].into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let own = resp.dpu.and_then(|d| d.metadata).unwrap().revision;
+        assert!(resp.current_revision >= own, "{serial}: current {} below its own {own}", resp.current_revision);
+        let mut stream = agent
+            .watch_desired(pb::WatchDesiredRequest { serial: serial.clone(), since_revision: resp.current_revision })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+        assert!(matches!(first.event, Some(E::Bookmark(_))), "{serial}: {first:?}");
+    };
+    for rack in ["r1", "r2"] {
+        futures::stream::iter(0..48)
+            .map(|i| check(format!("dpu-{i:02}"), rack))
+            .buffer_unordered(48)
+            .collect::<Vec<()>>()
+            .await;
+    }
+    b.stop().await;
+}
+
 conformance!(a_fleet_that_lapses_at_once_is_swept_in_slices, config = short_leases);
 /// More leases lapse at once than one sweep transaction takes: they are all marked, slice after
 /// slice (other writes get in between), and each Dpu says so.

@@ -128,6 +128,12 @@ async fn body(env: &Env, broker: &crate::broker_proc::BrokerProc, rep: &mut Scen
     rep.phases.push(meter.finish(Some(broker)).await);
     let after = broker.metrics().await;
 
+    rep.notes.push(format!(
+        "agent streams over the whole run: {} initial snapshots, {} resyncs required, {} stream errors",
+        fleet.resync_initial.load(Ordering::Relaxed),
+        fleet.resync_required.load(Ordering::Relaxed),
+        fleet.stream_errors.load(Ordering::Relaxed)
+    ));
     let ok_n = ok.load(Ordering::Relaxed);
     let fail_n = failed.load(Ordering::Relaxed);
     rep.push(

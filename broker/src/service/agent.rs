@@ -63,6 +63,10 @@ pub async fn register(ctx: &Context, id: &Identity, req: pb::RegisterRequest) ->
         tenant_node_name: req.tenant_node_name,
     };
     let outcome = ctx.store.register(RegisterRequest { serial: serial.clone(), labels, spec, inventory }).await?;
+    // The fan-out's head can still stand below the registration's own commit: an agent watching
+    // from that head would replay its own registration, which (labels may have changed) costs
+    // it a full resync.
+    let current_revision = ctx.hub.head().max(outcome.object.revision);
     let dpu = ctx.store.get(&Key::cluster(Kind::Dpu, &serial)).await?.unwrap_or(outcome.object);
     let dpu = match resource_from_stored(&dpu)?.kind {
         Some(pb::resource::Kind::Dpu(d)) => Some(d),
@@ -73,7 +77,7 @@ pub async fn register(ctx: &Context, id: &Identity, req: pb::RegisterRequest) ->
         dpu,
         heartbeat_interval_ms: millis(ctx.config.heartbeat_interval),
         lease_duration_ms: millis(ctx.config.lease_duration),
-        current_revision: ctx.hub.head(),
+        current_revision,
         last_status_seq: u64::try_from(outcome.last_status_seq).unwrap_or(0),
     })
 }

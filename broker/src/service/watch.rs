@@ -103,9 +103,11 @@ impl Watch {
     }
 
     async fn run(&mut self) -> Result<()> {
+        let turn = self.ctx.store.opening_turn().await?;
         self.load_labels().await?;
         let mut sub = self.subscribe();
         let (head, compacted) = self.ctx.store.head().await?;
+        drop(turn);
         let outcome = if self.pos == 0 {
             self.snapshot(pb::resync::Reason::Initial).await
         } else if self.pos < compacted || self.pos > head {
@@ -191,7 +193,9 @@ impl Watch {
             Scope::Kinds(kinds) => LogFilter::Kinds(kinds.clone()),
         };
         loop {
+            let turn = self.ctx.store.opening_turn().await.map_err(Some)?;
             let (events, compacted) = self.ctx.store.read_log(self.pos, PAGE, &filter).await.map_err(Some)?;
+            drop(turn);
             if compacted > self.pos {
                 return self.snapshot(pb::resync::Reason::ResyncRequired).await;
             }

@@ -52,6 +52,10 @@ pub struct StoreConfig {
     /// Snapshots (initial syncs, resyncs) read at once; each holds a pooled connection, so this
     /// stays well below the pool size.
     pub max_snapshots: usize,
+    /// Streams reading their start (labels, head, log replay) at once. Thousands of agents
+    /// reconnecting together wait their turn here instead of queueing on the pool, where they
+    /// would time out and leave nothing for attaches and the fan-out's catch-up.
+    pub max_stream_openings: usize,
     /// Decide the next batch while the previous one commits (Postgres). Off by default: with
     /// 10,000 agents opening their streams at once it starved the readers' pool (BENCHMARKS.md).
     pub pipeline: bool,
@@ -66,6 +70,7 @@ impl Default for StoreConfig {
             replica: uuid::Uuid::new_v4().to_string(),
             op_timeout: Duration::from_secs(10),
             max_snapshots: 4,
+            max_stream_openings: 8,
             pipeline: false,
         }
     }
@@ -195,6 +200,12 @@ pub struct Store {
     renewer: Option<mpsc::Sender<Beat>>,
     config: Arc<StoreConfig>,
     snapshots: Arc<tokio::sync::Semaphore>,
+    openings: Arc<tokio::sync::Semaphore>,
+}
+
+/// A stream's turn to read its start (see [`StoreConfig::max_stream_openings`]).
+pub struct OpeningTurn {
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Store {
@@ -217,7 +228,8 @@ impl Store {
             Backend::Sqlite(..) => None,
         };
         let snapshots = Arc::new(tokio::sync::Semaphore::new(config.max_snapshots.max(1)));
-        Store { backend, writer: tx, renewer, config, snapshots }
+        let openings = Arc::new(tokio::sync::Semaphore::new(config.max_stream_openings.max(1)));
+        Store { backend, writer: tx, renewer, config, snapshots, openings }
     }
 
     pub fn backend(&self) -> &Backend {
@@ -385,6 +397,16 @@ impl Store {
             }
         })
         .await
+    }
+
+    /// Waits for a turn to read a stream's start. Like a snapshot's, the wait is not bounded:
+    /// a stream is only slow to open, never refused.
+    pub async fn opening_turn(&self) -> Result<OpeningTurn> {
+        let permit = Arc::clone(&self.openings)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Unavailable("the store is closing".into()))?;
+        Ok(OpeningTurn { _permit: permit })
     }
 
     pub async fn snapshot(&self) -> Result<Snapshot> {
