@@ -148,12 +148,18 @@ impl WriteTx for PgWriteTx {
     }
 
     async fn taken(&mut self, network: String, addresses: Vec<String>) -> Result<HashMap<String, (String, String)>> {
-        let rows =
-            sqlx::query("SELECT address, namespace, name FROM ip_allocations WHERE network = $1 AND address = ANY($2)")
-                .bind(network)
-                .bind(addresses)
-                .fetch_all(&mut *self.tx)
-                .await?;
+        // One primary-key probe per address (LIMIT 1 keeps the lateral from being flattened):
+        // planned as `address = ANY(..)` against statistics taken while the table was empty,
+        // every allocation of the pool is read and filtered.
+        let rows = sqlx::query(
+            "SELECT a.address, a.namespace, a.name FROM UNNEST($2::text[]) AS k(address) \
+             CROSS JOIN LATERAL (SELECT address, namespace, name FROM ip_allocations \
+                 WHERE network = $1 AND address = k.address LIMIT 1) a",
+        )
+        .bind(network)
+        .bind(addresses)
+        .fetch_all(&mut *self.tx)
+        .await?;
         rows.iter().map(|r| Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?)))).collect()
     }
 
