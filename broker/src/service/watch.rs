@@ -271,9 +271,10 @@ impl Watch {
         };
         let mut after: Option<Key> = None;
         loop {
-            let page = snap.page(&kinds, dpu.as_deref(), after.as_ref(), PAGE).await.map_err(Some)?;
+            let page = snap.page(&kinds, dpu.as_deref(), dpu.is_none(), after.as_ref(), PAGE).await.map_err(Some)?;
             let Some(last) = page.last() else { break };
             after = Some(last.key.clone());
+            let last_page = page.len() < PAGE;
             for obj in page {
                 if let Some(serial) = &dpu {
                     let route = obj.typed_spec().map_err(Some)?.route();
@@ -301,6 +302,9 @@ impl Watch {
                         )));
                     }
                 }
+            }
+            if last_page {
+                break;
             }
         }
         drop(snap);

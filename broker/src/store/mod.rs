@@ -177,17 +177,20 @@ impl Snapshot {
     }
 
     /// Live objects of `kinds` (optionally only Netdevs of one DPU), after `after` in
-    /// (kind, namespace, name) order.
+    /// (kind, namespace, name) order; with their statuses if `statuses` (a DPU's view is specs
+    /// only, and reading statuses it drops would double the snapshot's work). A page shorter
+    /// than `limit` is the last one.
     pub async fn page(
         &mut self,
         kinds: &[Kind],
         dpu: Option<&str>,
+        statuses: bool,
         after: Option<&Key>,
         limit: usize,
     ) -> Result<Vec<StoredObject>> {
         match &mut self.inner {
-            SnapshotTx::Postgres(s) => s.page(kinds, dpu, after, limit).await,
-            SnapshotTx::Sqlite(s) => s.page(kinds, dpu, after, limit).await,
+            SnapshotTx::Postgres(s) => s.page(kinds, dpu, statuses, after, limit).await,
+            SnapshotTx::Sqlite(s) => s.page(kinds, dpu, statuses, after, limit).await,
         }
     }
 }

@@ -356,6 +356,7 @@ impl Snapshot {
         &mut self,
         kinds: &[Kind],
         dpu: Option<&str>,
+        statuses: bool,
         after: Option<&Key>,
         limit: usize,
     ) -> Result<Vec<StoredObject>> {
@@ -402,6 +403,9 @@ impl Snapshot {
             }
         };
         let rows = rows.iter().map(object_row).collect::<Result<Vec<_>>>()?;
+        if !statuses {
+            return Ok(assemble(rows, Vec::new(), &HashMap::new(), &HashMap::new()));
+        }
         // Statuses are read in the same snapshot as the objects.
         complete_in(&mut self.tx, rows).await
     }

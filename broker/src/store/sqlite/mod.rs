@@ -353,6 +353,7 @@ impl Snapshot {
         &mut self,
         kinds: &[Kind],
         dpu: Option<&str>,
+        statuses: bool,
         after: Option<&Key>,
         limit: usize,
     ) -> Result<Vec<StoredObject>> {
@@ -381,6 +382,9 @@ impl Snapshot {
             .fetch_all(&mut *self.tx)
             .await?;
         let rows = rows.iter().map(object_row).collect::<Result<Vec<_>>>()?;
+        if !statuses {
+            return Ok(assemble(rows, Vec::new(), &HashMap::new(), &HashMap::new()));
+        }
         complete(&mut self.tx, rows, false).await
     }
 }
