@@ -236,7 +236,10 @@ impl Fleet {
 /// Where one agent's stream stands.
 #[derive(Default)]
 pub struct AgentState {
+    /// The last revision the stream delivered.
     pub revision: AtomicI64,
+    /// The revision the stream was first opened from.
+    pub start: AtomicI64,
     /// Next status sequence number.
     pub seq: AtomicU64,
     /// When `revision` first reached `target` (ns since `epoch`), for convergence timing.
@@ -303,7 +306,8 @@ impl DpuAgent {
         let mut c = self.client()?;
         // Where the stream resumes if the broker ends it before it delivered anything: `since`
         // covers all this agent holds, so resuming from 0 (a full snapshot) would be wasted.
-        self.state.revision.fetch_max(since, Ordering::AcqRel);
+        // (`revision` stays what the stream delivered: the bench waits on it.)
+        self.state.start.fetch_max(since, Ordering::AcqRel);
         let first = open_watch(&mut c, &self.serial, since).await?;
         let (tx, rx) = mpsc::unbounded_channel::<pb::StatusReport>();
         let reporter = tokio::spawn(report_loop(c.clone(), self.serial.clone(), rx, Arc::clone(fleet)));
@@ -330,7 +334,7 @@ impl DpuAgent {
                 stream = loop {
                     tokio::time::sleep(backoff + Duration::from_millis(rand::random_range(0..100))).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
-                    let since = state.revision.load(Ordering::Acquire);
+                    let since = state.revision.load(Ordering::Acquire).max(state.start.load(Ordering::Acquire));
                     match open_watch(&mut c, &serial, since).await {
                         Ok(s) => {
                             fleet.stream_retries.fetch_add(1, Ordering::Relaxed);

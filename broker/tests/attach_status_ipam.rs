@@ -233,6 +233,51 @@ async fn stale_status_is_dropped_and_stale_spec_refused(b: TestBroker) {
     b.stop().await;
 }
 
+conformance!(dpus_re_registering_together_each_learn_their_own_last_sequence_number);
+/// Registrations arriving together are decided in one batch, which reads every registering
+/// DPU's last status sequence number at once: each must get its own.
+async fn dpus_re_registering_together_each_learn_their_own_last_sequence_number(b: TestBroker) {
+    use futures::StreamExt;
+    const DPUS: u64 = 24;
+    seed_network(&b, "net-a", "10.6.0.0/24", "10.6.0.1").await;
+    let mut admin = b.admin().await;
+    let broker = &b;
+    for i in 0..DPUS {
+        let serial = format!("dpu-{i:02}");
+        register(&b, &serial).await;
+        let created =
+            admin.apply(apply_req(mk_netdev("pods", &serial, 1, "node-1", "net-a"))).await.unwrap().into_inner();
+        let name = netdev_of(created.object.as_ref().unwrap()).metadata.unwrap().name;
+        // DPU i has reported up to sequence number 100 + i (every third one: none at all).
+        if i % 3 != 0 {
+            let reports =
+                vec![report(key(pb::Kind::Netdev, "pods", &name), 1, 100 + i, netdev_status("Connected", ""))];
+            let r = b.agent(&serial).await.report_status(pb::ReportStatusRequest { serial, reports }).await.unwrap();
+            assert_eq!(r.into_inner().results[0].outcome, pb::ReportOutcome::Accepted as i32);
+        }
+    }
+    let answers: Vec<(u64, u64)> = futures::stream::iter(0..DPUS)
+        .map(|i| async move {
+            let serial = format!("dpu-{i:02}");
+            let reg = broker
+                .agent(&serial)
+                .await
+                .register(pb::RegisterRequest { serial, ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner();
+            (i, reg.last_status_seq)
+        })
+        .buffer_unordered(DPUS as usize)
+        .collect()
+        .await;
+    for (i, seq) in answers {
+        let expected = if i % 3 == 0 { 0 } else { 100 + i };
+        assert_eq!(seq, expected, "dpu-{i:02}");
+    }
+    b.stop().await;
+}
+
 conformance!(concurrent_attaches_never_share_an_address_and_exhaustion_is_clear);
 async fn concurrent_attaches_never_share_an_address_and_exhaustion_is_clear(b: TestBroker) {
     // A /27 holds 30 host addresses; the gateway and the exclusions leave 26.

@@ -42,7 +42,8 @@ impl Working<'_> {
             ..Default::default()
         };
         self.put_broker_status(tx, &row, encode(&status)?).await?;
-        let last_status_seq = tx.max_status_seq(author).await?;
+        self.ensure_status_seqs(tx, vec![author.clone()]).await?;
+        let last_status_seq = self.status_seqs.get(&author).copied().unwrap_or(0);
         Ok(RegisterOutcome { object: row.into_stored(vec![], None, None), last_status_seq })
     }
 

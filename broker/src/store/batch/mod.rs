@@ -64,7 +64,9 @@ pub(crate) trait WriteTx: Send {
         network: String,
         addresses: Vec<String>,
     ) -> impl Future<Output = Result<HashMap<String, (String, String)>>> + Send;
-    fn max_status_seq(&mut self, author: String) -> impl Future<Output = Result<i64>> + Send;
+    /// The highest status sequence number stored for each of `authors` (0 for none), in one
+    /// round trip.
+    fn max_status_seqs(&mut self, authors: Vec<String>) -> impl Future<Output = Result<HashMap<String, i64>>> + Send;
     fn flush(&mut self, flush: &Flush) -> impl Future<Output = Result<Compacted>> + Send;
     fn commit(self) -> impl Future<Output = Result<()>> + Send;
 }
@@ -134,6 +136,9 @@ struct Working<'c> {
     allocation_rows: HashSet<(String, String)>,
     events: Vec<Event>,
     compact_to: Option<i64>,
+    /// Highest stored status sequence number of the authors registering in this batch, as
+    /// stored before it (an agent resends what came later; the broker ignores repeats).
+    status_seqs: HashMap<String, i64>,
     /// How to take back every change since the batch began, newest last.
     journal: Vec<Undo>,
 }
@@ -224,6 +229,7 @@ pub(crate) async fn prepare<T: WriteTx>(mut tx: T, requests: &[&Request], ctx: &
         allocation_rows: HashSet::new(),
         events: Vec::new(),
         compact_to: None,
+        status_seqs: HashMap::new(),
         journal: Vec::new(),
     };
     ws.preload(&mut tx, requests).await?;
@@ -271,6 +277,7 @@ impl Working<'_> {
         let mut serials = Vec::new();
         let mut status_slots = Vec::new();
         let mut allocations = Vec::new();
+        let mut registering = Vec::new();
         for req in requests {
             match req {
                 Request::Apply(a) => {
@@ -296,8 +303,11 @@ impl Working<'_> {
                     status_slots.extend(writes.iter().map(|w| (w.key.clone(), author.clone())));
                 }
                 Request::Register(r) => {
-                    keys.push(Key::cluster(Kind::Dpu, &r.serial));
+                    let key = Key::cluster(Kind::Dpu, &r.serial);
+                    status_slots.push((key.clone(), crate::model::BROKER_AUTHOR.to_string()));
+                    keys.push(key);
                     serials.push(r.serial.clone());
+                    registering.push(dpu_author(&r.serial));
                 }
                 Request::Heartbeat { serial, .. } => {
                     // A heartbeat reaches the writer when the lease lapsed: its Dpu status changes.
@@ -313,7 +323,23 @@ impl Working<'_> {
         self.ensure_netdev_names(tx, netdev_names).await?;
         self.ensure_statuses(tx, status_slots).await?;
         self.load_allocations(tx, allocations).await?;
+        self.ensure_status_seqs(tx, registering).await?;
         self.ensure_dpus(tx, serials).await
+    }
+
+    pub(super) async fn ensure_status_seqs<T: WriteTx>(&mut self, tx: &mut T, authors: Vec<String>) -> Result<()> {
+        let mut missing: Vec<String> = authors.into_iter().filter(|a| !self.status_seqs.contains_key(a)).collect();
+        missing.sort();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let found = tx.max_status_seqs(missing.clone()).await?;
+        for author in missing {
+            let seq = found.get(&author).copied().unwrap_or(0);
+            self.status_seqs.insert(author, seq);
+        }
+        Ok(())
     }
 
     /// Loads the given status slots in one round trip (absent ones are remembered as absent).

@@ -231,9 +231,9 @@ impl<T: WriteTx> WriteTx for Speculative<T> {
         Ok(taken)
     }
 
-    async fn max_status_seq(&mut self, author: String) -> Result<i64> {
+    async fn max_status_seqs(&mut self, authors: Vec<String>) -> Result<HashMap<String, i64>> {
         self.settle().await?;
-        self.inner.max_status_seq(author).await
+        self.inner.max_status_seqs(authors).await
     }
 
     async fn flush(&mut self, flush: &Flush) -> Result<Compacted> {

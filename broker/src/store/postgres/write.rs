@@ -163,12 +163,16 @@ impl WriteTx for PgWriteTx {
         rows.iter().map(|r| Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?)))).collect()
     }
 
-    async fn max_status_seq(&mut self, author: String) -> Result<i64> {
-        let row = sqlx::query("SELECT COALESCE(max(seq), 0)::int8 FROM statuses WHERE author = $1")
-            .bind(author)
-            .fetch_one(&mut *self.tx)
-            .await?;
-        Ok(row.try_get(0)?)
+    async fn max_status_seqs(&mut self, authors: Vec<String>) -> Result<HashMap<String, i64>> {
+        // Each author's highest sequence number is the last entry of `statuses_by_author`.
+        let rows = sqlx::query(
+            "SELECT k.author, COALESCE((SELECT max(s.seq) FROM statuses s WHERE s.author = k.author), 0)::int8 \
+             FROM UNNEST($1::text[]) AS k(author)",
+        )
+        .bind(authors)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
     }
 
     async fn flush(&mut self, f: &Flush) -> Result<Compacted> {

@@ -193,11 +193,16 @@ impl WriteTx for SqliteWriteTx {
         Ok(out)
     }
 
-    async fn max_status_seq(&mut self, author: String) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT COALESCE(max(seq), 0) FROM statuses WHERE author = ?")
-            .bind(author)
-            .fetch_one(self.c())
-            .await?)
+    async fn max_status_seqs(&mut self, authors: Vec<String>) -> Result<HashMap<String, i64>> {
+        let mut out = HashMap::with_capacity(authors.len());
+        for author in authors {
+            let seq: i64 = sqlx::query_scalar("SELECT COALESCE(max(seq), 0) FROM statuses WHERE author = ?")
+                .bind(&author)
+                .fetch_one(self.c())
+                .await?;
+            out.insert(author, seq);
+        }
+        Ok(out)
     }
 
     async fn flush(&mut self, f: &Flush) -> Result<Compacted> {
