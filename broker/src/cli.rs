@@ -125,7 +125,8 @@ struct ServeArgs {
     #[arg(long, env = "XPU_DEV")]
     dev: bool,
     /// Postgres connections for reads and snapshots; the writer and the lease renewer have
-    /// three more of their own.
+    /// three more of their own. Snapshots use at most a quarter of them, streams reading their
+    /// start at most half; the rest stays free for requests.
     #[arg(long, env = "XPU_DB_MAX_CONNECTIONS", default_value_t = 16)]
     db_max_connections: u32,
     /// Longest a request waits for the database before it is refused as UNAVAILABLE (retry).
