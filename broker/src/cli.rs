@@ -132,9 +132,9 @@ struct ServeArgs {
     /// Longest a request waits for the database before it is refused as UNAVAILABLE (retry).
     #[arg(long, env = "XPU_DB_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     db_timeout: Duration,
-    /// Decide the next group commit while the previous one commits (Postgres): more status
-    /// writes per second and a shorter attach p99 with 1,000 agents, but with 10,000 agents
-    /// opening their streams at once it starved the readers' pool; off until that is resolved.
+    /// Decide the next group commit while the previous one commits (Postgres): about a fifth
+    /// more status writes per second, at the cost of more CPU; on a small machine shared with
+    /// Postgres it does not shorten the attach round trip (BENCHMARKS.md, "writer pipeline").
     #[arg(long, env = "XPU_WRITER_PIPELINE", default_value_t = false, action = clap::ArgAction::Set)]
     writer_pipeline: bool,
     /// Server certificate (PEM), reloaded when it changes.

@@ -56,8 +56,9 @@ pub struct StoreConfig {
     /// reconnecting together wait their turn here instead of queueing on the pool, where they
     /// would time out and leave nothing for attaches and the fan-out's catch-up.
     pub max_stream_openings: usize,
-    /// Decide the next batch while the previous one commits (Postgres). Off by default: with
-    /// 10,000 agents opening their streams at once it starved the readers' pool (BENCHMARKS.md).
+    /// Decide the next batch while the previous one commits (Postgres). Off by default: it
+    /// raises the status write rate but, on a small machine shared with Postgres, not the
+    /// attach round trip (BENCHMARKS.md, "writer pipeline").
     pub pipeline: bool,
 }
 
@@ -405,19 +406,12 @@ impl Store {
     /// Waits for a turn to read a stream's start. Like a snapshot's, the wait is not bounded:
     /// a stream is only slow to open, never refused.
     pub async fn opening_turn(&self) -> Result<OpeningTurn> {
-        let permit = Arc::clone(&self.openings)
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::Unavailable("the store is closing".into()))?;
-        Ok(OpeningTurn { _permit: permit })
+        Ok(OpeningTurn { _permit: turn(&self.openings).await? })
     }
 
     pub async fn snapshot(&self) -> Result<Snapshot> {
         // Waiting for a turn is not bounded: a snapshot is only slow to start, never refused.
-        let permit = Arc::clone(&self.snapshots)
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::Unavailable("the store is closing".into()))?;
+        let permit = turn(&self.snapshots).await?;
         let inner = bounded(self.config.op_timeout, async {
             Ok(match &self.backend {
                 Backend::Postgres(p) => SnapshotTx::Postgres(postgres::Snapshot::begin(p).await?),
@@ -526,6 +520,11 @@ async fn bounded<T>(limit: Duration, f: impl std::future::Future<Output = Result
             Err(Error::Unavailable(format!("the database did not answer within {}s", limit.as_secs_f64()).into()))
         }
     }
+}
+
+/// A turn of a bounded kind of read; waits as long as it takes.
+async fn turn(kind: &Arc<tokio::sync::Semaphore>) -> Result<tokio::sync::OwnedSemaphorePermit> {
+    Arc::clone(kind).acquire_owned().await.map_err(|_| Error::Unavailable("the store is closing".into()))
 }
 
 fn unexpected(reply: &Reply) -> Error {

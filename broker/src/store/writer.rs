@@ -1,10 +1,11 @@
 //! The store's writing tasks: the group-committing writer (every spec, status and lease change)
 //! and the lease renewer beside it.
 //!
-//! On Postgres the writer is pipelined: while batch N is written and committed on one
-//! connection, batch N+1 is decided on another, reading past N (see `batch::speculative`). It
-//! is written only once N has committed, so the revision order stays the commit order, and the
-//! replies and the fan-out of N go out before N+1 is written.
+//! The writer decides, writes and commits one batch at a time, or, on Postgres with
+//! `StoreConfig::pipeline`, decides batch N+1 on another connection while batch N is written and
+//! committed, reading past N (see `batch::speculative`). N+1 is written only once N has
+//! committed, so the revision order stays the commit order, and the replies and the fan-out of
+//! N go out before N+1 is written.
 
 use std::{sync::Arc, time::Instant};
 

@@ -262,6 +262,15 @@ pub(crate) async fn finish<T: WriteTx>(p: Prepared<T>) -> Result<BatchResult> {
     Ok(BatchResult { replies, events: flush.log.clone(), head: flush.head })
 }
 
+/// The `wanted` keys the working set has not loaded yet, each once, in order (one load asks
+/// for all of them).
+fn unknown<K: Ord + std::hash::Hash, V>(wanted: Vec<K>, loaded: &HashMap<K, V>) -> Vec<K> {
+    let mut missing: Vec<K> = wanted.into_iter().filter(|k| !loaded.contains_key(k)).collect();
+    missing.sort();
+    missing.dedup();
+    missing
+}
+
 fn decode<T: serde::de::DeserializeOwned>(json: &Value, what: &str) -> Result<T> {
     T::deserialize(json).map_err(|e| Error::internal(format!("stored {what} does not decode: {e}")))
 }
@@ -328,9 +337,7 @@ impl Working<'_> {
     }
 
     pub(super) async fn ensure_status_seqs<T: WriteTx>(&mut self, tx: &mut T, authors: Vec<String>) -> Result<()> {
-        let mut missing: Vec<String> = authors.into_iter().filter(|a| !self.status_seqs.contains_key(a)).collect();
-        missing.sort();
-        missing.dedup();
+        let missing = unknown(authors, &self.status_seqs);
         if missing.is_empty() {
             return Ok(());
         }
@@ -344,9 +351,7 @@ impl Working<'_> {
 
     /// Loads the given status slots in one round trip (absent ones are remembered as absent).
     pub(super) async fn ensure_statuses<T: WriteTx>(&mut self, tx: &mut T, slots: Vec<(Key, String)>) -> Result<()> {
-        let mut missing: Vec<(Key, String)> = slots.into_iter().filter(|s| !self.statuses.contains_key(s)).collect();
-        missing.sort();
-        missing.dedup();
+        let missing = unknown(slots, &self.statuses);
         if missing.is_empty() {
             return Ok(());
         }
@@ -362,9 +367,7 @@ impl Working<'_> {
     }
 
     async fn ensure<T: WriteTx>(&mut self, tx: &mut T, keys: Vec<Key>) -> Result<()> {
-        let mut missing: Vec<Key> = keys.into_iter().filter(|k| !self.objects.contains_key(k)).collect();
-        missing.sort();
-        missing.dedup();
+        let missing = unknown(keys, &self.objects);
         if missing.is_empty() {
             return Ok(());
         }
@@ -381,7 +384,7 @@ impl Working<'_> {
     }
 
     async fn ensure_netdev_names<T: WriteTx>(&mut self, tx: &mut T, names: Vec<String>) -> Result<()> {
-        let missing: Vec<String> = names.into_iter().filter(|n| !self.netdev_namespaces.contains_key(n)).collect();
+        let missing = unknown(names, &self.netdev_namespaces);
         if missing.is_empty() {
             return Ok(());
         }
@@ -396,7 +399,7 @@ impl Working<'_> {
     }
 
     async fn ensure_dpus<T: WriteTx>(&mut self, tx: &mut T, serials: Vec<String>) -> Result<()> {
-        let missing: Vec<String> = serials.into_iter().filter(|s| !self.dpus.contains_key(s)).collect();
+        let missing = unknown(serials, &self.dpus);
         if missing.is_empty() {
             return Ok(());
         }

@@ -176,10 +176,7 @@ impl Working<'_> {
         tx: &mut T,
         slots: Vec<(String, String)>,
     ) -> Result<()> {
-        let mut missing: Vec<(String, String)> =
-            slots.into_iter().filter(|s| !self.loaded_allocations.contains_key(s)).collect();
-        missing.sort();
-        missing.dedup();
+        let missing = super::unknown(slots, &self.loaded_allocations);
         if missing.is_empty() {
             return Ok(());
         }
