@@ -137,6 +137,11 @@ struct ServeArgs {
     /// Postgres it does not shorten the attach round trip (BENCHMARKS.md, "writer pipeline").
     #[arg(long, env = "XPU_WRITER_PIPELINE", default_value_t = false, action = clap::ArgAction::Set)]
     writer_pipeline: bool,
+    /// Rows (objects, statuses, Netdev names) the writer keeps from its last commit, so that
+    /// the next one need not load them again while no other replica has written; 0 keeps none.
+    /// Past the limit it starts over (about 1–2 KiB of memory per row).
+    #[arg(long, env = "XPU_WRITER_CACHE_SLOTS", default_value_t = 50_000)]
+    writer_cache_slots: usize,
     /// Server certificate (PEM), reloaded when it changes.
     #[arg(long, env = "XPU_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -298,6 +303,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         db_max_connections,
         db_timeout,
         writer_pipeline,
+        writer_cache_slots,
         tls_cert,
         tls_key,
         client_ca,
@@ -345,6 +351,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_db_connections = db_max_connections;
     config.store.op_timeout = db_timeout;
     config.store.pipeline = writer_pipeline;
+    config.store.warm_slots = writer_cache_slots;
     config.service.lease_duration = lease_duration;
     config.service.heartbeat_interval = heartbeat_interval;
     config.service.attach_timeout = attach_timeout;

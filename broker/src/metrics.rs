@@ -99,6 +99,7 @@ pub static BATCHES: AtomicU64 = AtomicU64::new(0);
 pub static BATCH_REQUESTS: AtomicU64 = AtomicU64::new(0);
 pub static BATCHES_AHEAD: AtomicU64 = AtomicU64::new(0);
 pub static BATCHES_REDECIDED: AtomicU64 = AtomicU64::new(0);
+pub static BATCHES_WARM: AtomicU64 = AtomicU64::new(0);
 pub static RENEWAL_BATCHES: AtomicU64 = AtomicU64::new(0);
 pub static RENEWALS: AtomicU64 = AtomicU64::new(0);
 pub static RENEWAL: Histogram = Histogram::new(LATENCY_BOUNDS);
@@ -117,6 +118,11 @@ pub fn record_batch(size: usize, took: Duration) {
 /// when it had to be decided again.
 pub fn record_decided_ahead(held: bool) {
     if held { &BATCHES_AHEAD } else { &BATCHES_REDECIDED }.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A batch that started from what the writer's last commit left (its slots not reloaded).
+pub fn record_warm_batch() {
+    BATCHES_WARM.fetch_add(1, Ordering::Relaxed);
 }
 
 pub fn record_renewals(size: usize, took: Duration) {
@@ -311,6 +317,12 @@ pub fn render(g: &Gauges) -> String {
         "Write transactions decided ahead whose reads did not hold (the one before failed, or another replica wrote): decided again.",
         "counter",
         load(&BATCHES_REDECIDED),
+    );
+    line(
+        "xpu_store_batches_warm_total",
+        "Write transactions that started from what the writer's own last commit left, without reloading those rows.",
+        "counter",
+        load(&BATCHES_WARM),
     );
     line("xpu_lease_renewal_batches_total", "Lease renewal statements run.", "counter", load(&RENEWAL_BATCHES));
     line("xpu_lease_renewals_total", "Heartbeats handled by the lease renewer.", "counter", load(&RENEWALS));

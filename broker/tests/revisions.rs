@@ -276,3 +276,62 @@ async fn two_replicas_on_one_database_stay_consistent(pool: sqlx::PgPool) {
     a.stop().await;
     b.stop().await;
 }
+
+fn lb_generation(res: &pb::Resource) -> i64 {
+    match &res.kind {
+        Some(pb::resource::Kind::LogicalBridge(l)) => l.metadata.as_ref().unwrap().generation,
+        other => panic!("not a logical bridge: {other:?}"),
+    }
+}
+
+/// Each replica's writer starts a batch from what its own last commit left, while the
+/// database's head is still where that commit put it. Replicas taking turns on one object and
+/// one status slot must each build on the other's writes: every spec write moves the generation
+/// by one, and a status sequence number the other replica accepted is stale here.
+#[sqlx::test(migrations = "../migrations/postgres")]
+async fn replicas_taking_turns_on_one_object_build_on_each_others_writes(pool: sqlx::PgPool) {
+    // The serial writer (the default) keeps its last commit; the pipelined one does not.
+    let serial = |pki: &Pki| {
+        let mut config = test_config(pki);
+        config.store.pipeline = false;
+        config
+    };
+    let (pki_a, pki_b) = (Pki::new(), Pki::new());
+    let (config_a, config_b) = (serial(&pki_a), serial(&pki_b));
+    let a = TestBroker::start_with(pool.clone(), pki_a, config_a).await;
+    let b = TestBroker::start_with(pool, pki_b, config_b).await;
+    let mut admins = [a.admin().await, b.admin().await];
+    let mut generation = 0;
+    for round in 0..6u32 {
+        // Two writes in a row on one replica: the second starts from the first.
+        for i in 0..2 {
+            let vlan = 10 + round * 2 + i;
+            let r = admins[round as usize % 2].apply(apply_req(mk_lb("lb-turns", vlan))).await.unwrap().into_inner();
+            generation += 1;
+            assert_eq!(lb_generation(r.object.as_ref().unwrap()), generation, "write {vlan}");
+        }
+    }
+
+    seed_network(&a, "net-t", "10.9.0.0/24", "10.9.0.1").await;
+    register(&a, "dpu-t").await;
+    let created =
+        admins[0].apply(apply_req(mk_netdev("pods", "dpu-t", 1, "node-1", "net-t"))).await.unwrap().into_inner();
+    let Some(pb::resource::Kind::Netdev(nd)) = created.object.unwrap().kind else { panic!("not a netdev") };
+    let k = key(pb::Kind::Netdev, "pods", &nd.metadata.unwrap().name);
+    let mut agents = [a.agent("dpu-t").await, b.agent("dpu-t").await];
+    let mut send = async |on: usize, seq: u64| {
+        // Each report differs from the one before it (an identical one is answered Unchanged).
+        let phase = if seq.is_multiple_of(2) { "Connected" } else { "Connecting" };
+        let reports = vec![report(k.clone(), 1, seq, netdev_status(phase, "10.9.0.2/24"))];
+        let r = agents[on].report_status(pb::ReportStatusRequest { serial: "dpu-t".into(), reports }).await.unwrap();
+        pb::ReportOutcome::try_from(r.into_inner().results[0].outcome).unwrap()
+    };
+    assert_eq!(send(0, 1).await, pb::ReportOutcome::Accepted);
+    assert_eq!(send(0, 2).await, pb::ReportOutcome::Accepted);
+    assert_eq!(send(1, 5).await, pb::ReportOutcome::Accepted);
+    // Replica A last saw sequence number 2; B has since stored 5.
+    assert_eq!(send(0, 4).await, pb::ReportOutcome::Stale);
+    assert_eq!(send(0, 6).await, pb::ReportOutcome::Accepted);
+    a.stop().await;
+    b.stop().await;
+}

@@ -60,6 +60,9 @@ pub struct StoreConfig {
     /// raises the status write rate but, on a small machine shared with Postgres, not the
     /// attach round trip (BENCHMARKS.md, "writer pipeline").
     pub pipeline: bool,
+    /// Rows the serial writer keeps from its last commit for the next batch (`batch::Warm`);
+    /// when a commit leaves more, it keeps none.
+    pub warm_slots: usize,
 }
 
 impl Default for StoreConfig {
@@ -73,6 +76,7 @@ impl Default for StoreConfig {
             max_snapshots: 4,
             max_stream_openings: 8,
             pipeline: false,
+            warm_slots: 50_000,
         }
     }
 }

@@ -18,7 +18,7 @@ use tokio::{
 
 use super::{
     Backend, Beat, Committed, Pending, StoreConfig,
-    batch::{self, Ahead, BatchContext, BatchResult, Prepared, Request, Speculative, WriteTx},
+    batch::{self, Ahead, BatchContext, BatchResult, Prepared, Request, Speculative, Warm, WriteTx},
     bounded, postgres, sqlite,
 };
 use crate::error::{Error, Result};
@@ -55,12 +55,26 @@ fn context(config: &StoreConfig) -> BatchContext {
 }
 
 async fn run_batch(backend: &Backend, config: &StoreConfig, requests: &[&Request]) -> Result<BatchResult> {
+    run_warm(backend, config, requests, None).await.map(|(res, _)| res)
+}
+
+/// One batch, starting from what the last commit left when it still holds.
+async fn run_warm(
+    backend: &Backend,
+    config: &StoreConfig,
+    requests: &[&Request],
+    warm: Option<Warm>,
+) -> Result<(BatchResult, Option<Warm>)> {
     let ctx = context(config);
     match backend {
         Backend::Postgres(pool) => {
-            batch::run(postgres::PgWriteTx::begin(pool, &config.replica).await?, requests, &ctx).await
+            let tx = postgres::PgWriteTx::begin(pool, &config.replica).await?;
+            batch::finish(batch::prepare(tx, requests, &ctx, warm).await?).await
         }
-        Backend::Sqlite(pool, _) => batch::run(sqlite::SqliteWriteTx::begin(pool).await?, requests, &ctx).await,
+        Backend::Sqlite(pool, _) => {
+            let tx = sqlite::SqliteWriteTx::begin(pool).await?;
+            batch::finish(batch::prepare(tx, requests, &ctx, warm).await?).await
+        }
     }
 }
 
@@ -77,31 +91,40 @@ pub(super) async fn writer(
     tracing::debug!("store writer stopped");
 }
 
-/// One batch at a time.
+/// One batch at a time, each starting from what the one before left (see `batch::Warm`).
 async fn serial(
     backend: Backend,
     config: Arc<StoreConfig>,
     mut rx: mpsc::Receiver<Pending>,
     committed: mpsc::Sender<Committed>,
 ) {
+    let mut warm = None;
     while let Some(batch) = next_batch(&mut rx, config.max_batch).await {
-        commit_alone(&backend, &config, batch, Instant::now(), &committed).await;
+        warm = commit_alone(&backend, &config, batch, Instant::now(), warm, &committed).await;
     }
 }
 
-/// Decides, writes and commits one batch with nothing else in flight, and answers it.
+/// Decides, writes and commits one batch with nothing else in flight, and answers it; returns
+/// what the next batch may start from.
 async fn commit_alone(
     backend: &Backend,
     config: &StoreConfig,
     batch: Vec<Pending>,
     started: Instant,
+    warm: Option<Warm>,
     committed: &mpsc::Sender<Committed>,
-) {
+) -> Option<Warm> {
     let requests: Vec<&Request> = batch.iter().map(|p| &p.request).collect();
+    let warm = warm.filter(|_| config.warm_slots > 0);
     // A batch that outlives the limit may or may not have committed: its callers get
-    // UNAVAILABLE (retry), and the fan-out finds any commit in the log.
-    let result = bounded(config.op_timeout, run_batch(backend, config, &requests)).await;
+    // UNAVAILABLE (retry), and the fan-out finds any commit in the log. Nothing is kept from a
+    // batch that failed: its working set may hold what was not written.
+    let (result, warm) = match bounded(config.op_timeout, run_warm(backend, config, &requests, warm)).await {
+        Ok((res, warm)) => (Ok(res), warm),
+        Err(e) => (Err(e), None),
+    };
     land(backend, config, batch, started, result, committed).await;
+    warm.filter(|w| w.len() <= config.warm_slots)
 }
 
 /// Answers a batch that was written, or failed; `true` when it committed.
@@ -162,7 +185,7 @@ impl InFlight {
         let (done, outcome) = watch::channel(None);
         let limit = config.op_timeout;
         let task = tokio::spawn(async move {
-            let result = bounded(limit, batch::finish(p)).await;
+            let result = bounded(limit, batch::finish(p)).await.map(|(res, _)| res);
             let _ = done.send(Some(result.is_ok()));
             result
         });
@@ -233,7 +256,7 @@ async fn pipelined(
                     Some(
                         bounded(config.op_timeout, async {
                             let tx = postgres::PgWriteTx::begin(&pool, &config.replica).await?;
-                            batch::prepare(Speculative::new(tx, view, outcome), &requests, &ctx).await
+                            batch::prepare(Speculative::new(tx, view, outcome), &requests, &ctx, None).await
                         })
                         .await,
                     )
@@ -270,7 +293,7 @@ async fn pipelined(
         let ctx = context(&config);
         let prepared = bounded(config.op_timeout, async {
             let tx = postgres::PgWriteTx::begin(&pool, &config.replica).await?;
-            batch::prepare(tx, &requests, &ctx).await
+            batch::prepare(tx, &requests, &ctx, None).await
         })
         .await;
         match prepared {

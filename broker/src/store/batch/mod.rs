@@ -121,6 +121,9 @@ struct Working<'c> {
     routes: HashMap<Key, Route>,
     dirty: Vec<Key>,
     purged: HashSet<Key>,
+    /// Objects loaded as absent (no row, not even a tombstone): they had no status rows then
+    /// (statuses go with their object), and every status written since is in `statuses`.
+    statusless: HashSet<Key>,
     statuses: HashMap<(Key, String), Option<StatusRow>>,
     status_dirty: Vec<(Key, String)>,
     netdev_namespaces: HashMap<String, Option<String>>,
@@ -195,31 +198,80 @@ fn put_back<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, key: K, prev: O
     }
 }
 
+/// What the writer knows of the store from its own last commit: the object, status and Netdev
+/// name slots of the working sets it loaded and wrote, as they stood when it committed at `head`.
+/// A batch starts from it only when the store's head is still `head` (nothing else wrote since:
+/// every change to these tables is a log entry, which moves the head), and so skips the loads
+/// of those slots. Leases, allocations and pools are not kept (the lease renewer writes leases
+/// outside the writer; the others are cheap and rare to reload).
+#[derive(Default)]
+pub(crate) struct Warm {
+    head: i64,
+    objects: HashMap<Key, Option<ObjectRow>>,
+    routes: HashMap<Key, Route>,
+    statuses: HashMap<(Key, String), Option<StatusRow>>,
+    statusless: HashSet<Key>,
+    netdev_namespaces: HashMap<String, Option<String>>,
+}
+
+impl Warm {
+    /// Slots held.
+    pub(crate) fn len(&self) -> usize {
+        self.objects.len() + self.statuses.len() + self.statusless.len() + self.netdev_namespaces.len()
+    }
+
+    /// Takes back what a committed batch wrote: the store now holds exactly this.
+    fn landed(mut self, flush: Flush) -> Warm {
+        self.head = flush.head;
+        for (row, route) in flush.objects.into_iter().zip(flush.routes) {
+            self.routes.insert(row.key.clone(), route);
+            self.objects.insert(row.key.clone(), Some(row));
+        }
+        for row in flush.statuses {
+            self.statuses.insert((row.key.clone(), row.author.clone()), Some(row));
+        }
+        for slot in flush.delete_statuses {
+            self.statuses.insert(slot, None);
+        }
+        self
+    }
+}
+
 /// A batch decided but not yet written: its transaction (loads done, nothing written), what to
 /// write, and the replies to give once it commits.
 pub(crate) struct Prepared<T> {
     pub tx: T,
     pub flush: Arc<Flush>,
     replies: Vec<Result<Reply>>,
+    /// The working set's slots that `flush` does not write.
+    rest: Warm,
 }
 
-pub(crate) async fn run<T: WriteTx>(tx: T, requests: &[&Request], ctx: &BatchContext) -> Result<BatchResult> {
-    finish(prepare(tx, requests, ctx).await?).await
-}
-
-/// Applies the requests, in order, to a working set loaded inside `tx`.
-pub(crate) async fn prepare<T: WriteTx>(mut tx: T, requests: &[&Request], ctx: &BatchContext) -> Result<Prepared<T>> {
+/// Applies the requests, in order, to a working set loaded inside `tx`, starting from `warm`
+/// when the store has not changed since it was taken.
+pub(crate) async fn prepare<T: WriteTx>(
+    mut tx: T,
+    requests: &[&Request],
+    ctx: &BatchContext,
+    warm: Option<Warm>,
+) -> Result<Prepared<T>> {
     let head = tx.lock_head().await?;
+    let warm = warm.filter(|w| w.head == head);
+    if warm.is_some() {
+        crate::metrics::record_warm_batch();
+    }
+    let warm = warm.unwrap_or_default();
     let mut ws = Working {
         ctx,
         head,
-        objects: HashMap::new(),
-        routes: HashMap::new(),
+        objects: warm.objects,
+        routes: warm.routes,
         dirty: Vec::new(),
         purged: HashSet::new(),
-        statuses: HashMap::new(),
+        statusless: warm.statusless,
+        statuses: warm.statuses,
         status_dirty: Vec::new(),
-        netdev_namespaces: HashMap::new(),
+        netdev_namespaces: warm.netdev_namespaces,
         dpus: HashMap::new(),
         dpus_dirty: Vec::new(),
         dpus_deleted: Vec::new(),
@@ -246,12 +298,15 @@ pub(crate) async fn prepare<T: WriteTx>(mut tx: T, requests: &[&Request], ctx: &
         }
         replies.push(reply);
     }
-    Ok(Prepared { tx, flush: Arc::new(ws.into_flush()), replies })
+    let (flush, rest) = ws.into_flush();
+    Ok(Prepared { tx, flush: Arc::new(flush), replies, rest })
 }
 
-/// Writes a prepared batch and commits it.
-pub(crate) async fn finish<T: WriteTx>(p: Prepared<T>) -> Result<BatchResult> {
-    let Prepared { mut tx, flush, mut replies } = p;
+/// Writes a prepared batch and commits it; also answers what the store holds now, for the next
+/// batch to start from: none after a compaction (it removes tombstones the slots may hold), nor
+/// when the flush is still shared (a pipelined writer, which does not keep one).
+pub(crate) async fn finish<T: WriteTx>(p: Prepared<T>) -> Result<(BatchResult, Option<Warm>)> {
+    let Prepared { mut tx, flush, mut replies, rest } = p;
     let compacted = tx.flush(&flush).await?;
     tx.commit().await?;
     for reply in &mut replies {
@@ -259,7 +314,12 @@ pub(crate) async fn finish<T: WriteTx>(p: Prepared<T>) -> Result<BatchResult> {
             *c = compacted;
         }
     }
-    Ok(BatchResult { replies, events: flush.log.clone(), head: flush.head })
+    let res = BatchResult { replies, events: flush.log.clone(), head: flush.head };
+    let warm = match Arc::try_unwrap(flush) {
+        Ok(flush) if flush.compact_to.is_none() => Some(rest.landed(flush)),
+        _ => None,
+    };
+    Ok((res, warm))
 }
 
 /// The `wanted` keys the working set has not loaded yet, each once, in order (one load asks
@@ -351,7 +411,11 @@ impl Working<'_> {
 
     /// Loads the given status slots in one round trip (absent ones are remembered as absent).
     pub(super) async fn ensure_statuses<T: WriteTx>(&mut self, tx: &mut T, slots: Vec<(Key, String)>) -> Result<()> {
-        let missing = unknown(slots, &self.statuses);
+        let (none, missing): (Vec<_>, Vec<_>) =
+            unknown(slots, &self.statuses).into_iter().partition(|(key, _)| self.statusless.contains(key));
+        for slot in none {
+            self.set_status(slot, None);
+        }
         if missing.is_empty() {
             return Ok(());
         }
@@ -375,6 +439,10 @@ impl Working<'_> {
         for k in &missing {
             self.set_object(k, None, None);
         }
+        // Statuses go with their object: one without a row has none. (Kept when the request
+        // fails: the object stays absent, and so do its statuses.)
+        let found: HashSet<&Key> = rows.iter().map(|r| &r.key).collect();
+        self.statusless.extend(missing.iter().filter(|k| !found.contains(k)).cloned());
         for row in rows {
             let route = Spec::from_stored(row.key.kind, &row.spec)?.route();
             let key = row.key.clone();
@@ -417,7 +485,7 @@ impl Working<'_> {
     /// Loads a status slot into the working set unless it is there already.
     async fn ensure_status<T: WriteTx>(&mut self, tx: &mut T, slot: &(Key, String)) -> Result<()> {
         if !self.statuses.contains_key(slot) {
-            let row = if self.purged.contains(&slot.0) {
+            let row = if self.purged.contains(&slot.0) || self.statusless.contains(&slot.0) {
                 None
             } else {
                 tx.load_statuses(vec![slot.clone()]).await?.into_iter().next()
@@ -846,8 +914,9 @@ impl Working<'_> {
 
     // ---- DPUs and leases ----
 
-    /// What to write, moved out of the working set (the events become the log entries).
-    fn into_flush(mut self) -> Flush {
+    /// What to write, moved out of the working set (the events become the log entries), and the
+    /// slots it leaves.
+    fn into_flush(mut self) -> (Flush, Warm) {
         let mut flush = Flush { head: self.head, compact_to: self.compact_to, ..Default::default() };
         let mut seen = HashSet::new();
         for key in self.dirty {
@@ -904,7 +973,15 @@ impl Working<'_> {
         }
         flush.delete_dpus = self.dpus_deleted;
         flush.log = self.events.into_iter().map(Arc::new).collect();
-        flush
+        let rest = Warm {
+            head: flush.head,
+            objects: self.objects,
+            routes: self.routes,
+            statuses: self.statuses,
+            statusless: self.statusless,
+            netdev_namespaces: self.netdev_namespaces,
+        };
+        (flush, rest)
     }
 }
 
@@ -921,3 +998,6 @@ fn check_node(row: &ObjectRow, node: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
