@@ -123,6 +123,65 @@ async fn fabric_objects_reach_the_dpus_their_selector_matches(b: TestBroker) {
     b.stop().await;
 }
 
+conformance!(a_resuming_dpu_replays_only_the_fabric_objects_for_it);
+/// A DPU that was away while many fabric objects for other DPUs changed replays exactly what
+/// concerns it, in order: the objects its labels match, a delete for one that moved away from
+/// it, and nothing of the others (more of them than one replay page holds), then a bookmark at
+/// the head.
+async fn a_resuming_dpu_replays_only_the_fabric_objects_for_it(b: TestBroker) {
+    use futures::StreamExt;
+    register_with(&b, "dpu-1", &[("rack", "r1")]).await;
+    let mut admin = b.admin().await;
+    let since = admin.fleet_status(pb::FleetStatusRequest {}).await.unwrap().into_inner().revision;
+    admin.apply(apply_req(selected_lb("lb-r1", 11, "r1"))).await.unwrap();
+    admin.apply(apply_req(selected_lb("lb-moved", 12, "r1"))).await.unwrap();
+    let others = futures::stream::iter(0..600u32)
+        .map(|i| {
+            let mut admin = admin.clone();
+            async move { admin.apply(apply_req(selected_lb(&format!("lb-other-{i}"), 100 + i, "r2"))).await.unwrap() }
+        })
+        .buffer_unordered(16)
+        .count()
+        .await;
+    assert_eq!(others, 600);
+    admin.apply(apply_req(selected_lb("lb-moved", 12, "r2"))).await.unwrap();
+    admin.apply(apply_req(mk_lb("lb-all", 13))).await.unwrap();
+    admin.apply(apply_req(selected_lb("lb-r2", 14, "r2"))).await.unwrap();
+    let head = admin.fleet_status(pb::FleetStatusRequest {}).await.unwrap().into_inner().revision;
+
+    let mut s1 = b
+        .agent("dpu-1")
+        .await
+        .watch_desired(pb::WatchDesiredRequest { serial: "dpu-1".into(), since_revision: since })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    let bookmark = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), s1.message()).await.unwrap().unwrap().unwrap();
+        match ev.event {
+            Some(E::Change(c)) => {
+                let key = xpu_broker::model::convert::resource_key(c.object.as_ref().unwrap()).unwrap();
+                seen.push((pb::ChangeType::try_from(c.r#type).unwrap(), key.name));
+            }
+            Some(E::Bookmark(_)) => break ev.revision,
+            other => panic!("{other:?}"),
+        }
+    };
+    use pb::ChangeType::{Deleted, Spec};
+    assert_eq!(
+        seen,
+        vec![
+            (Spec, "lb-r1".to_string()),
+            (Spec, "lb-moved".to_string()),
+            (Deleted, "lb-moved".to_string()),
+            (Spec, "lb-all".to_string()),
+        ]
+    );
+    assert_eq!(bookmark, head, "the replay ends with a bookmark at the head");
+    b.stop().await;
+}
+
 fn small_buffers(pki: &Pki) -> xpu_broker::Config {
     let mut config = test_config(pki);
     config.stream_buffer = 16;

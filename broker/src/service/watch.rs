@@ -189,7 +189,7 @@ impl Watch {
 
     async fn replay(&mut self) -> Result<(), Option<Error>> {
         let filter = match &self.scope {
-            Scope::Dpu(serial) => LogFilter::Dpu(serial.clone()),
+            Scope::Dpu(serial) => LogFilter::Dpu { serial: serial.clone(), labels: self.labels.clone() },
             Scope::Kinds(kinds) => LogFilter::Kinds(kinds.clone()),
         };
         loop {

@@ -31,9 +31,13 @@ use crate::{
 pub enum LogFilter {
     All,
     Kinds(Vec<Kind>),
-    /// What a DPU's desired-state stream may carry: its Netdevs, every selector-routed object,
-    /// its own Dpu object; no status changes.
-    Dpu(String),
+    /// What a DPU's desired-state stream may carry: its Netdevs, the selector-routed objects
+    /// whose selector (or previous selector) matches `labels`, its own Dpu object; no status
+    /// changes. A backend may return more (the caller filters again), never less.
+    Dpu {
+        serial: String,
+        labels: Labels,
+    },
     Object(Key),
 }
 

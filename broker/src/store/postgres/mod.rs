@@ -289,21 +289,31 @@ pub async fn read_log(pool: &PgPool, after: i64, limit: usize, filter: &LogFilte
         }
         LogFilter::Kinds(kinds) => {
             let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
-            sqlx::query("SELECT * FROM log WHERE revision > $1 AND kind = ANY($2) ORDER BY revision LIMIT $3")
-                .bind(after)
-                .bind(kinds)
-                .bind(limit)
-                .fetch_all(pool)
-                .await?
+            // One ordered range scan per kind, each stopping at the limit: `kind = ANY(..)` with
+            // `ORDER BY revision` reads every entry of the kinds since `after` for each page.
+            sqlx::query(
+                "SELECT l.* FROM UNNEST($2::text[]) AS k(kind) CROSS JOIN LATERAL \
+                 (SELECT * FROM log WHERE kind = k.kind AND revision > $1 ORDER BY revision LIMIT $3) l \
+                 ORDER BY l.revision LIMIT $3",
+            )
+            .bind(after)
+            .bind(kinds)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
         }
-        LogFilter::Dpu(serial) => {
+        LogFilter::Dpu { serial, labels } => {
             let kinds: Vec<&str> = Kind::SELECTOR_ROUTED.iter().map(|k| k.as_str()).collect();
-            // Three index range scans (its Netdevs, the selector-routed kinds, its Dpu record)
-            // merged by revision, instead of filtering every entry since `after`.
+            // Index range scans (its Netdevs, each selector-routed kind, its Dpu record) merged
+            // by revision, instead of filtering every entry since `after`. Selector-routed
+            // entries are matched against the DPU's labels here (a match-labels selector
+            // matches when the labels contain it), so that a DPU resuming after many fabric
+            // changes for other DPUs reads past them instead of receiving them page by page.
             sqlx::query(
                 "(SELECT * FROM log WHERE dpu = $2 AND revision > $1 AND change <> 2 ORDER BY revision LIMIT $4) \
-                 UNION ALL (SELECT * FROM log WHERE kind = ANY($3) AND revision > $1 AND change <> 2 \
-                   ORDER BY revision LIMIT $4) \
+                 UNION ALL (SELECT l.* FROM UNNEST($3::text[]) AS k(kind) CROSS JOIN LATERAL \
+                   (SELECT * FROM log WHERE kind = k.kind AND revision > $1 AND change <> 2 \
+                     AND ($5::jsonb @> selector OR $5::jsonb @> prev_selector) ORDER BY revision LIMIT $4) l) \
                  UNION ALL (SELECT * FROM log WHERE kind = 'Dpu' AND namespace = '' AND name = $2 AND revision > $1 \
                    AND change <> 2 ORDER BY revision LIMIT $4) \
                  ORDER BY revision LIMIT $4",
@@ -312,6 +322,7 @@ pub async fn read_log(pool: &PgPool, after: i64, limit: usize, filter: &LogFilte
             .bind(serial)
             .bind(kinds)
             .bind(limit)
+            .bind(labels_json(labels))
             .fetch_all(pool)
             .await?
         }

@@ -298,7 +298,7 @@ pub async fn read_log(pool: &SqlitePool, after: i64, limit: usize, filter: &LogF
             }
             q.bind(limit).fetch_all(pool).await?
         }
-        LogFilter::Dpu(serial) => {
+        LogFilter::Dpu { serial, .. } => {
             // Three index range scans (its Netdevs, the selector-routed kinds, its Dpu record)
             // merged by revision, instead of filtering every entry since `after`.
             sqlx::query(
