@@ -288,43 +288,53 @@ pub async fn read_log(pool: &PgPool, after: i64, limit: usize, filter: &LogFilte
                 .await?
         }
         LogFilter::Kinds(kinds) => {
-            let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
-            // One ordered range scan per kind, each stopping at the limit: `kind = ANY(..)` with
-            // `ORDER BY revision` reads every entry of the kinds since `after` for each page.
-            sqlx::query(
-                "SELECT l.* FROM UNNEST($2::text[]) AS k(kind) CROSS JOIN LATERAL \
-                 (SELECT * FROM log WHERE kind = k.kind AND revision > $1 ORDER BY revision LIMIT $3) l \
-                 ORDER BY l.revision LIMIT $3",
-            )
-            .bind(after)
-            .bind(kinds)
-            .bind(limit)
-            .fetch_all(pool)
-            .await?
+            // One ordered range scan per kind, each stopping at the limit (`kind = ANY(..)` with
+            // `ORDER BY revision` reads every entry of the kinds since `after` for each page).
+            // Each kind is its own parameter, so that its plan uses the kind's statistics.
+            if kinds.is_empty() {
+                return Ok((Vec::new(), head(pool).await?.1));
+            }
+            let arms: Vec<String> = (0..kinds.len())
+                .map(|i| {
+                    format!("(SELECT * FROM log WHERE kind = ${} AND revision > $1 ORDER BY revision LIMIT $2)", i + 3)
+                })
+                .collect();
+            let sql = format!("{} ORDER BY revision LIMIT $2", arms.join(" UNION ALL "));
+            let mut q = sqlx::query(&sql).bind(after).bind(limit);
+            for k in kinds {
+                q = q.bind(k.as_str());
+            }
+            q.fetch_all(pool).await?
         }
         LogFilter::Dpu { serial, labels } => {
-            let kinds: Vec<&str> = Kind::SELECTOR_ROUTED.iter().map(|k| k.as_str()).collect();
             // Index range scans (its Netdevs, each selector-routed kind, its Dpu record) merged
-            // by revision, instead of filtering every entry since `after`. Selector-routed
-            // entries are matched against the DPU's labels here (a match-labels selector
-            // matches when the labels contain it), so that a DPU resuming after many fabric
-            // changes for other DPUs reads past them instead of receiving them page by page.
-            sqlx::query(
-                "(SELECT * FROM log WHERE dpu = $2 AND revision > $1 AND change <> 2 ORDER BY revision LIMIT $4) \
-                 UNION ALL (SELECT l.* FROM UNNEST($3::text[]) AS k(kind) CROSS JOIN LATERAL \
-                   (SELECT * FROM log WHERE kind = k.kind AND revision > $1 AND change <> 2 \
-                     AND ($5::jsonb @> selector OR $5::jsonb @> prev_selector) ORDER BY revision LIMIT $4) l) \
+            // by revision, each stopping at the page, instead of filtering every entry since
+            // `after`. Selector-routed entries are matched against the DPU's labels here (a
+            // match-labels selector matches when the labels contain it), so that a DPU resuming
+            // after many fabric changes for other DPUs reads past them instead of receiving
+            // them page by page.
+            let fabric: Vec<String> = (0..Kind::SELECTOR_ROUTED.len())
+                .map(|i| {
+                    format!(
+                        "(SELECT * FROM log WHERE kind = ${} AND revision > $1 AND change <> 2 \
+                         AND ($4::jsonb @> selector OR $4::jsonb @> prev_selector) ORDER BY revision LIMIT $3)",
+                        i + 5
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "(SELECT * FROM log WHERE dpu = $2 AND revision > $1 AND change <> 2 ORDER BY revision LIMIT $3) \
+                 UNION ALL {} \
                  UNION ALL (SELECT * FROM log WHERE kind = 'Dpu' AND namespace = '' AND name = $2 AND revision > $1 \
-                   AND change <> 2 ORDER BY revision LIMIT $4) \
-                 ORDER BY revision LIMIT $4",
-            )
-            .bind(after)
-            .bind(serial)
-            .bind(kinds)
-            .bind(limit)
-            .bind(labels_json(labels))
-            .fetch_all(pool)
-            .await?
+                   AND change <> 2 ORDER BY revision LIMIT $3) \
+                 ORDER BY revision LIMIT $3",
+                fabric.join(" UNION ALL ")
+            );
+            let mut q = sqlx::query(&sql).bind(after).bind(serial).bind(limit).bind(labels_json(labels));
+            for k in Kind::SELECTOR_ROUTED {
+                q = q.bind(k.as_str());
+            }
+            q.fetch_all(pool).await?
         }
         LogFilter::Object(key) => {
             sqlx::query(
