@@ -73,6 +73,15 @@ macro_rules! conformance {
                 super::$name(super::TestBroker::start_with(pool, pki, config).await).await
             }
 
+            /// The default writer: one batch at a time, each starting from what the last left.
+            #[sqlx::test(migrations = "../migrations/postgres")]
+            async fn postgres_serial(pool: sqlx::PgPool) {
+                let pki = super::Pki::new();
+                let mut config = super::$config(&pki);
+                config.store.pipeline = false;
+                super::$name(super::TestBroker::start_with(pool, pki, config).await).await
+            }
+
             #[tokio::test]
             async fn sqlite() {
                 let pki = super::Pki::new();
@@ -87,6 +96,8 @@ pub struct TestBroker {
     pub pki: Pki,
     /// The SQLite store's directory, kept for the test's lifetime.
     pub data: Option<TempDir>,
+    /// The writer decides the next batch while the one before commits (Postgres only).
+    pub pipelined: bool,
     pub grpc: std::net::SocketAddr,
     pub http: std::net::SocketAddr,
     pub ctx: xpu_broker::service::Context,
@@ -102,7 +113,8 @@ pub fn test_config(pki: &Pki) -> Config {
     config.service.lease_duration = Duration::from_secs(3);
     config.service.heartbeat_interval = Duration::from_secs(1);
     config.service.attach_timeout = Duration::from_secs(5);
-    // Postgres runs the pipelined writer (the embedded store has one writer anyway).
+    // Postgres runs the pipelined writer here; `conformance!` runs each test again with the
+    // default serial writer (the embedded store has the serial writer only).
     config.store.pipeline = true;
     config
 }
@@ -115,8 +127,11 @@ impl TestBroker {
     }
 
     pub async fn start_with(pool: PgPool, pki: Pki, config: Config) -> TestBroker {
+        let pipelined = config.store.pipeline;
         let app = App::build_with_pool(config, pool).await.expect("app builds");
-        TestBroker::run(app, pki)
+        let mut b = TestBroker::run(app, pki);
+        b.pipelined = pipelined;
+        b
     }
 
     /// The broker on a fresh embedded SQLite store.
@@ -138,7 +153,7 @@ impl TestBroker {
         let task = tokio::spawn(app.run_until_stopped(async move {
             let _ = rx.await;
         }));
-        TestBroker { pki, data: None, grpc, http, ctx, stop: Some(stop), task: Some(task) }
+        TestBroker { pki, data: None, pipelined: false, grpc, http, ctx, stop: Some(stop), task: Some(task) }
     }
 
     /// Runs a statement directly on the store (to prove a database constraint).
