@@ -101,8 +101,17 @@ async fn crashes_at_every_step_leave_a_consistent_end_state(pool: PgPool) {
         .await;
         assert!(gone.is_some(), "{step}: the netdev and its port are gone:\n{}", dpu.agent.log_text());
         worst = worst.max(started.elapsed());
+        // The other netdevs end Connected. A restarted agent whose state file lagged its
+        // dataplane programs a port it finds missing from that file again, and says
+        // `Connecting` while it does: a moment, never a state it stays in.
         for vf in &live {
-            assert!(connected(&mut admin, *vf).await, "{step}: vf{vf} stays Connected");
+            let vf = *vf;
+            let back = xpu_fault::wait_for(Duration::from_secs(30), || {
+                let mut admin = admin.clone();
+                async move { connected(&mut admin, vf).await.then_some(()) }
+            })
+            .await;
+            assert!(back.is_some(), "{step}: vf{vf} ends Connected:\n{}", dpu.agent.log_text());
         }
     }
 
