@@ -40,6 +40,12 @@ use crate::{
 pub(crate) trait WriteTx: Send {
     /// Locks the revision counter (serializing all writers, across replicas) and returns it.
     fn lock_head(&mut self) -> impl Future<Output = Result<i64>> + Send;
+    /// The compaction horizon `lock_head` saw, when it read one. Compactions delete tombstones
+    /// without moving the head: what a writer kept from its last commit holds only while both
+    /// are unchanged.
+    fn compacted_seen(&self) -> Option<i64> {
+        None
+    }
     fn load_objects(&mut self, keys: Vec<Key>) -> impl Future<Output = Result<Vec<ObjectRow>>> + Send;
     fn load_statuses(&mut self, pairs: Vec<(Key, String)>) -> impl Future<Output = Result<Vec<StatusRow>>> + Send;
     /// Namespace of the live Netdev carrying each name, if any.
@@ -200,13 +206,16 @@ fn put_back<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, key: K, prev: O
 
 /// What the writer knows of the store from its own last commit: the object, status and Netdev
 /// name slots of the working sets it loaded and wrote, as they stood when it committed at `head`.
-/// A batch starts from it only when the store's head is still `head` (nothing else wrote since:
-/// every change to these tables is a log entry, which moves the head), and so skips the loads
-/// of those slots. Leases, allocations and pools are not kept (the lease renewer writes leases
+/// A batch starts from it only when the store's head is still `head` and its compaction horizon
+/// still `compacted` (nothing else wrote since: every other change to these tables is a log
+/// entry, which moves the head), and so skips the loads of those slots. Leases, allocations and pools are not kept (the lease renewer writes leases
 /// outside the writer; the others are cheap and rare to reload).
 #[derive(Default)]
 pub(crate) struct Warm {
     head: i64,
+    /// The compaction horizon at that commit (another replica's compaction deletes tombstones
+    /// without moving the head).
+    compacted: Option<i64>,
     objects: HashMap<Key, Option<ObjectRow>>,
     routes: HashMap<Key, Route>,
     statuses: HashMap<(Key, String), Option<StatusRow>>,
@@ -256,7 +265,8 @@ pub(crate) async fn prepare<T: WriteTx>(
     warm: Option<Warm>,
 ) -> Result<Prepared<T>> {
     let head = tx.lock_head().await?;
-    let warm = warm.filter(|w| w.head == head);
+    let compacted = tx.compacted_seen();
+    let warm = warm.filter(|w| w.head == head && w.compacted.is_some() && w.compacted == compacted);
     if warm.is_some() {
         crate::metrics::record_warm_batch();
     }
@@ -298,7 +308,8 @@ pub(crate) async fn prepare<T: WriteTx>(
         }
         replies.push(reply);
     }
-    let (flush, rest) = ws.into_flush();
+    let (flush, mut rest) = ws.into_flush();
+    rest.compacted = compacted;
     Ok(Prepared { tx, flush: Arc::new(flush), replies, rest })
 }
 
@@ -975,6 +986,7 @@ impl Working<'_> {
         flush.log = self.events.into_iter().map(Arc::new).collect();
         let rest = Warm {
             head: flush.head,
+            compacted: None,
             objects: self.objects,
             routes: self.routes,
             statuses: self.statuses,

@@ -20,6 +20,9 @@ impl<T: WriteTx> WriteTx for Counting<'_, T> {
     async fn lock_head(&mut self) -> Result<i64> {
         self.tx.lock_head().await
     }
+    fn compacted_seen(&self) -> Option<i64> {
+        self.tx.compacted_seen()
+    }
     async fn load_objects(&mut self, keys: Vec<Key>) -> Result<Vec<ObjectRow>> {
         self.loaded.fetch_add(keys.len(), Ordering::Relaxed);
         self.tx.load_objects(keys).await
@@ -82,24 +85,35 @@ fn apply_lb(vlan: u32) -> Request {
     })
 }
 
-/// Applies one request in its own batch; answers the generation written, the object keys
-/// loaded and what the next batch may start from.
-async fn apply(pool: &sqlx::SqlitePool, vlan: u32, warm: Option<Warm>) -> (i64, usize, Option<Warm>) {
+/// Runs one request in its own batch; answers its reply, the object keys loaded and what the
+/// next batch may start from.
+async fn run(pool: &sqlx::SqlitePool, req: Request, warm: Option<Warm>) -> (Reply, usize, Option<Warm>) {
     let loaded = AtomicUsize::new(0);
     let ctx = BatchContext { now: Utc::now(), lease_duration_ms: 30_000 };
     let tx = Counting { tx: SqliteWriteTx::begin(pool).await.unwrap(), loaded: &loaded };
-    let req = apply_lb(vlan);
     let (res, warm) = finish(prepare(tx, &[&req], &ctx, warm).await.unwrap()).await.unwrap();
-    let Some(Ok(Reply::Apply(out))) = res.replies.into_iter().next() else { panic!("not applied") };
-    (out.object.generation, loaded.load(Ordering::Relaxed), warm)
+    let reply = res.replies.into_iter().next().unwrap().unwrap();
+    (reply, loaded.load(Ordering::Relaxed), warm)
+}
+
+/// Applies lb-1 with `vlan`; answers the generation written, the keys loaded and what is kept.
+async fn apply(pool: &sqlx::SqlitePool, vlan: u32, warm: Option<Warm>) -> (i64, usize, Option<Warm>) {
+    let (reply, loaded, warm) = run(pool, apply_lb(vlan), warm).await;
+    let Reply::Apply(out) = reply else { panic!("not applied") };
+    (out.object.generation, loaded, warm)
+}
+
+async fn open_store() -> (tempfile::TempDir, sqlx::SqlitePool) {
+    let dir = tempfile::tempdir().unwrap();
+    let opened = sqlite::open(&dir.path().join("xpu.db"), 2).await.unwrap();
+    sqlite::migrate(&opened.pool).await.unwrap();
+    (dir, opened.pool)
 }
 
 #[tokio::test]
 async fn a_batch_starts_from_the_last_commit_only_while_nothing_else_wrote() {
-    let dir = tempfile::tempdir().unwrap();
-    let opened = sqlite::open(&dir.path().join("xpu.db"), 2).await.unwrap();
-    sqlite::migrate(&opened.pool).await.unwrap();
-    let pool = &opened.pool;
+    let (_dir, pool) = open_store().await;
+    let pool = &pool;
 
     let (generation, loaded, warm) = apply(pool, 10, None).await;
     assert_eq!((generation, loaded), (1, 1), "a cold batch loads the object");
@@ -115,4 +129,32 @@ async fn a_batch_starts_from_the_last_commit_only_while_nothing_else_wrote() {
     // write, instead of writing generation 3 a second time over it.
     let (generation, loaded, _) = apply(pool, 13, Some(stale)).await;
     assert_eq!((generation, loaded), (4, 1));
+}
+
+#[tokio::test]
+async fn a_compaction_by_another_writer_makes_the_next_batch_load_again() {
+    let (_dir, pool) = open_store().await;
+    let pool = &pool;
+    let (_, _, warm) = apply(pool, 10, None).await;
+    let delete = Request::Delete(DeleteRequest {
+        key: Key::cluster(Kind::LogicalBridge, "lb-1"),
+        uid: None,
+        expected_generation: 0,
+        author: "admin".into(),
+        node: None,
+    });
+    let (reply, _, warm) = run(pool, delete, warm).await;
+    let Reply::Delete(deleted) = reply else { panic!("not deleted") };
+    // The writer keeps the tombstone.
+    let stale = warm.unwrap();
+
+    // Another writer compacts the log past the delete: the tombstone goes, the head stays.
+    let (reply, _, _) = run(pool, Request::Compact { to: deleted.revision }, None).await;
+    let Reply::Compacted(c) = reply else { panic!("not compacted") };
+    assert_eq!(c.tombstones_removed, 1);
+
+    // The object is created anew from nothing (generation 1), not revived from the tombstone
+    // the writer kept.
+    let (generation, loaded, _) = apply(pool, 11, Some(stale)).await;
+    assert_eq!((generation, loaded), (1, 1));
 }

@@ -21,18 +21,26 @@ use crate::{
 pub struct PgWriteTx {
     tx: Transaction<'static, Postgres>,
     replica: String,
+    compacted: Option<i64>,
 }
 
 impl PgWriteTx {
     pub async fn begin(pool: &PgPool, replica: &str) -> Result<PgWriteTx> {
-        Ok(PgWriteTx { tx: pool.begin().await?, replica: replica.to_string() })
+        Ok(PgWriteTx { tx: pool.begin().await?, replica: replica.to_string(), compacted: None })
     }
 }
 
 impl WriteTx for PgWriteTx {
     async fn lock_head(&mut self) -> Result<i64> {
-        let row = sqlx::query("SELECT revision FROM xpu_meta WHERE id = 1 FOR UPDATE").fetch_one(&mut *self.tx).await?;
+        let row = sqlx::query("SELECT revision, compacted_revision FROM xpu_meta WHERE id = 1 FOR UPDATE")
+            .fetch_one(&mut *self.tx)
+            .await?;
+        self.compacted = Some(row.try_get(1)?);
         Ok(row.try_get(0)?)
+    }
+
+    fn compacted_seen(&self) -> Option<i64> {
+        self.compacted
     }
 
     async fn load_objects(&mut self, keys: Vec<Key>) -> Result<Vec<ObjectRow>> {

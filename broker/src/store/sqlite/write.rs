@@ -19,13 +19,14 @@ use crate::{
 pub struct SqliteWriteTx {
     conn: PoolConnection<sqlx::Sqlite>,
     open: bool,
+    compacted: Option<i64>,
 }
 
 impl SqliteWriteTx {
     pub async fn begin(pool: &SqlitePool) -> Result<SqliteWriteTx> {
         let mut conn = pool.acquire().await?;
         sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-        Ok(SqliteWriteTx { conn, open: true })
+        Ok(SqliteWriteTx { conn, open: true, compacted: None })
     }
 
     fn c(&mut self) -> &mut SqliteConnection {
@@ -48,7 +49,16 @@ fn opt_json(v: &Option<serde_json::Value>) -> Option<String> {
 
 impl WriteTx for SqliteWriteTx {
     async fn lock_head(&mut self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT revision FROM xpu_meta WHERE id = 1").fetch_one(self.c()).await?)
+        let (revision, compacted): (i64, i64) =
+            sqlx::query_as("SELECT revision, compacted_revision FROM xpu_meta WHERE id = 1")
+                .fetch_one(self.c())
+                .await?;
+        self.compacted = Some(compacted);
+        Ok(revision)
+    }
+
+    fn compacted_seen(&self) -> Option<i64> {
+        self.compacted
     }
 
     async fn load_objects(&mut self, keys: Vec<Key>) -> Result<Vec<ObjectRow>> {
