@@ -169,6 +169,8 @@ struct InFlight {
     batch: Vec<Pending>,
     started: Instant,
     flush: Arc<crate::store::rows::Flush>,
+    /// The compaction horizon it locked at.
+    compacted: Option<i64>,
     /// `Some(true)` once committed, `Some(false)` if not.
     outcome: watch::Receiver<Option<bool>>,
     task: JoinHandle<Result<BatchResult>>,
@@ -182,6 +184,7 @@ impl InFlight {
         config: &StoreConfig,
     ) -> Self {
         let flush = Arc::clone(&p.flush);
+        let compacted = p.tx.compacted_seen();
         let (done, outcome) = watch::channel(None);
         let limit = config.op_timeout;
         let task = tokio::spawn(async move {
@@ -189,7 +192,7 @@ impl InFlight {
             let _ = done.send(Some(result.is_ok()));
             result
         });
-        InFlight { batch, started, flush, outcome, task }
+        InFlight { batch, started, flush, compacted, outcome, task }
     }
 
     /// Whether the next batch may be decided before this one commits: not past a compaction,
@@ -248,11 +251,12 @@ async fn pipelined(
         // Decide this batch while the one ahead commits; the one ahead is answered (and fanned
         // out) as soon as it has committed, before this one is written: revision order.
         let ahead = in_flight.take();
-        let readable = ahead.as_ref().filter(|f| f.readable()).map(|f| (Arc::clone(&f.flush), f.outcome.clone()));
+        let readable =
+            ahead.as_ref().filter(|f| f.readable()).map(|f| (Arc::clone(&f.flush), f.compacted, f.outcome.clone()));
         let decide_ahead = async {
             match readable {
-                Some((flush, outcome)) => {
-                    let view = Arc::new(Ahead::of(flush));
+                Some((flush, compacted, outcome)) => {
+                    let view = Arc::new(Ahead::of(flush, compacted));
                     Some(
                         bounded(config.op_timeout, async {
                             let tx = postgres::PgWriteTx::begin(&pool, &config.replica).await?;

@@ -27,6 +27,8 @@ use crate::{
 /// What a batch still in flight writes, indexed by key.
 pub(crate) struct Ahead {
     flush: Arc<Flush>,
+    /// The compaction horizon the batch ahead locked at (it does not compact itself).
+    compacted: Option<i64>,
     objects: HashMap<Key, usize>,
     statuses: HashMap<(Key, String), Option<usize>>,
     purged: HashSet<Key>,
@@ -40,7 +42,7 @@ pub(crate) struct Ahead {
 }
 
 impl Ahead {
-    pub(crate) fn of(flush: Arc<Flush>) -> Ahead {
+    pub(crate) fn of(flush: Arc<Flush>, compacted: Option<i64>) -> Ahead {
         let objects = flush.objects.iter().enumerate().map(|(i, o)| (o.key.clone(), i)).collect();
         let mut statuses: HashMap<(Key, String), Option<usize>> =
             flush.delete_statuses.iter().map(|slot| (slot.clone(), None)).collect();
@@ -64,7 +66,7 @@ impl Ahead {
             allocated.insert((a.network.clone(), a.address.clone()), holder);
         }
         let pool_offsets = flush.pool_offsets.iter().cloned().collect();
-        Ahead { flush, objects, statuses, purged, netdev_names, allocations, allocated, pool_offsets }
+        Ahead { flush, compacted, objects, statuses, purged, netdev_names, allocations, allocated, pool_offsets }
     }
 
     /// The revision the batch leaves.
@@ -118,10 +120,14 @@ impl<T: WriteTx> Speculative<T> {
     }
 
     /// After the batch ahead committed: takes the revision lock and checks that nothing else
-    /// was committed since. `false`: this batch must be decided again.
+    /// was committed since, nor compacted (a compaction deletes tombstones without moving the
+    /// head). `false`: this batch must be decided again.
     pub(crate) async fn confirm(&mut self) -> Result<bool> {
         self.settle().await?;
-        self.confirmed = self.inner.lock_head().await? == self.ahead.head();
+        let head = self.inner.lock_head().await?;
+        self.confirmed = head == self.ahead.head()
+            && self.ahead.compacted.is_some()
+            && self.inner.compacted_seen() == self.ahead.compacted;
         Ok(self.confirmed)
     }
 }
@@ -129,6 +135,11 @@ impl<T: WriteTx> Speculative<T> {
 impl<T: WriteTx> WriteTx for Speculative<T> {
     async fn lock_head(&mut self) -> Result<i64> {
         Ok(self.ahead.head())
+    }
+
+    fn compacted_seen(&self) -> Option<i64> {
+        // Known once `confirm` has taken the lock.
+        self.inner.compacted_seen()
     }
 
     async fn load_objects(&mut self, keys: Vec<Key>) -> Result<Vec<ObjectRow>> {
