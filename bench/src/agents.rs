@@ -575,6 +575,19 @@ pub async fn wait_revision(agents: &[DpuAgent], revision: i64, timeout: Duration
     }
 }
 
+/// Waits until every agent's stream stands at the broker's current head (the broker ends each
+/// replay with a bookmark), at most 300 s; says how long that took, for the report's notes.
+pub async fn wait_at_head(admin: &mut AdminServiceClient<Channel>, agents: &[DpuAgent]) -> anyhow::Result<String> {
+    let head = admin.fleet_status(pb::FleetStatusRequest {}).await?.into_inner().revision;
+    let t = Instant::now();
+    let current = wait_revision(agents, head, Duration::from_secs(300)).await;
+    Ok(format!(
+        "every stream at revision {head} after {:.1}s{}",
+        t.elapsed().as_secs_f64(),
+        if current { "" } else { " (NOT all: timed out after 300 s)" }
+    ))
+}
+
 pub struct HostAgent {
     pub node: String,
     pub client: HostServiceClient<Channel>,

@@ -11,13 +11,6 @@ use std::sync::atomic::Ordering;
 use common::*;
 use xpu_proto::broker::v1 as pb;
 
-fn generation_of(res: &pb::Resource) -> i64 {
-    match &res.kind {
-        Some(pb::resource::Kind::LogicalBridge(l)) => l.metadata.as_ref().unwrap().generation,
-        other => panic!("not a logical bridge: {other:?}"),
-    }
-}
-
 conformance!(compare_and_swap_races_lose_no_update);
 async fn compare_and_swap_races_lose_no_update(b: TestBroker) {
     const WRITERS: u32 = 16;
@@ -31,14 +24,14 @@ async fn compare_and_swap_races_lose_no_update(b: TestBroker) {
             let (mut won, mut lost) = (0u32, 0u32);
             while won < ROUNDS {
                 let get = pb::GetRequest { key: Some(key(pb::Kind::LogicalBridge, "", "lb-cas")) };
-                let generation = generation_of(&admin.get(get).await.unwrap().into_inner());
+                let generation = lb_generation(&admin.get(get).await.unwrap().into_inner());
                 // Every write carries a VLAN no other write uses: each one is a change.
                 let next = mk_lb("lb-cas", 2 + w * ROUNDS + won);
                 match admin.apply(pb::ApplyRequest { object: Some(next), expected_generation: generation }).await {
                     Ok(r) => {
                         let r = r.into_inner();
                         assert!(r.changed);
-                        assert_eq!(generation_of(r.object.as_ref().unwrap()), generation + 1);
+                        assert_eq!(lb_generation(r.object.as_ref().unwrap()), generation + 1);
                         won += 1;
                     }
                     Err(e) => {
@@ -57,7 +50,7 @@ async fn compare_and_swap_races_lose_no_update(b: TestBroker) {
         lost += l;
     }
     let get = pb::GetRequest { key: Some(key(pb::Kind::LogicalBridge, "", "lb-cas")) };
-    let generation = generation_of(&b.admin().await.get(get).await.unwrap().into_inner());
+    let generation = lb_generation(&b.admin().await.get(get).await.unwrap().into_inner());
     assert_eq!(won, WRITERS * ROUNDS);
     // Each win moved the generation by exactly one: no two writers won from the same one.
     assert_eq!(generation, 1 + i64::from(won), "{won} compare-and-swaps won, {lost} lost");

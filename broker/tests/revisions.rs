@@ -277,13 +277,6 @@ async fn two_replicas_on_one_database_stay_consistent(pool: sqlx::PgPool) {
     b.stop().await;
 }
 
-fn lb_generation(res: &pb::Resource) -> i64 {
-    match &res.kind {
-        Some(pb::resource::Kind::LogicalBridge(l)) => l.metadata.as_ref().unwrap().generation,
-        other => panic!("not a logical bridge: {other:?}"),
-    }
-}
-
 /// Each replica's writer starts a batch from what its own last commit left, while the
 /// database's head is still where that commit put it. Replicas taking turns on one object and
 /// one status slot must each build on the other's writes: every spec write moves the generation

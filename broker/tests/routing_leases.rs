@@ -31,6 +31,12 @@ fn selected_lb(name: &str, vlan: u32, rack: &str) -> pb::Resource {
     r
 }
 
+/// `serial`'s desired-state stream from `since`.
+async fn desired(b: &TestBroker, serial: &str, since: i64) -> tonic::Streaming<pb::WatchEvent> {
+    let req = pb::WatchDesiredRequest { serial: serial.into(), since_revision: since };
+    b.agent(serial).await.watch_desired(req).await.unwrap().into_inner()
+}
+
 /// The next change a DPU stream delivers: (type, name).
 async fn next(stream: &mut tonic::Streaming<pb::WatchEvent>) -> Option<(pb::ChangeType, String)> {
     let ev = next_change(stream, Duration::from_millis(800)).await?;
@@ -46,20 +52,8 @@ async fn fabric_objects_reach_the_dpus_their_selector_matches(b: TestBroker) {
     register_with(&b, "dpu-1", &[("rack", "r1")]).await;
     register_with(&b, "dpu-2", &[("rack", "r2")]).await;
     let head = b.admin().await.fleet_status(pb::FleetStatusRequest {}).await.unwrap().into_inner().revision;
-    let mut s1 = b
-        .agent("dpu-1")
-        .await
-        .watch_desired(pb::WatchDesiredRequest { serial: "dpu-1".into(), since_revision: head })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut s2 = b
-        .agent("dpu-2")
-        .await
-        .watch_desired(pb::WatchDesiredRequest { serial: "dpu-2".into(), since_revision: head })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut s1 = desired(&b, "dpu-1", head).await;
+    let mut s2 = desired(&b, "dpu-2", head).await;
     let mut admin = b.admin().await;
 
     admin.apply(apply_req(selected_lb("lb-r1", 11, "r1"))).await.unwrap();
@@ -149,13 +143,7 @@ async fn a_resuming_dpu_replays_only_the_fabric_objects_for_it(b: TestBroker) {
     admin.apply(apply_req(selected_lb("lb-r2", 14, "r2"))).await.unwrap();
     let head = admin.fleet_status(pb::FleetStatusRequest {}).await.unwrap().into_inner().revision;
 
-    let mut s1 = b
-        .agent("dpu-1")
-        .await
-        .watch_desired(pb::WatchDesiredRequest { serial: "dpu-1".into(), since_revision: since })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut s1 = desired(&b, "dpu-1", since).await;
     let mut seen = Vec::new();
     let bookmark = loop {
         let ev = tokio::time::timeout(Duration::from_secs(10), s1.message()).await.unwrap().unwrap().unwrap();
@@ -193,20 +181,8 @@ async fn a_slow_consumer_is_cut_off_and_told_where_to_resume(b: TestBroker) {
     register_with(&b, "dpu-slow", &[]).await;
     register_with(&b, "dpu-fast", &[]).await;
     let head = b.admin().await.fleet_status(pb::FleetStatusRequest {}).await.unwrap().into_inner().revision;
-    let mut slow = b
-        .agent("dpu-slow")
-        .await
-        .watch_desired(pb::WatchDesiredRequest { serial: "dpu-slow".into(), since_revision: head })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut fast = b
-        .agent("dpu-fast")
-        .await
-        .watch_desired(pb::WatchDesiredRequest { serial: "dpu-fast".into(), since_revision: head })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut slow = desired(&b, "dpu-slow", head).await;
+    let mut fast = desired(&b, "dpu-fast", head).await;
     let reader = tokio::spawn(async move {
         let mut n = 0;
         while n < 3000 {
@@ -254,13 +230,7 @@ async fn a_slow_consumer_is_cut_off_and_told_where_to_resume(b: TestBroker) {
         status.message()
     );
     // Resuming from there yields the rest without a snapshot.
-    let mut again = b
-        .agent("dpu-slow")
-        .await
-        .watch_desired(pb::WatchDesiredRequest { serial: "dpu-slow".into(), since_revision: last_rev })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut again = desired(&b, "dpu-slow", last_rev).await;
     let ev = next_change(&mut again, Duration::from_secs(5)).await.unwrap();
     assert!(matches!(ev.event, Some(E::Change(_))), "{ev:?}");
     assert_eq!(ev.revision, last_rev + 1);
@@ -490,13 +460,7 @@ async fn a_dpu_snapshot_over_many_pages_holds_exactly_its_objects(b: TestBroker)
             expected.push(format!("{serial}-pf0-vf{vf}"));
         }
     }
-    let mut stream = b
-        .agent("dpu-a")
-        .await
-        .watch_desired(pb::WatchDesiredRequest { serial: "dpu-a".into(), since_revision: 0 })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = desired(&b, "dpu-a", 0).await;
     let mut names = Vec::new();
     loop {
         let ev = next_change(&mut stream, Duration::from_secs(10)).await.expect("the snapshot ends");

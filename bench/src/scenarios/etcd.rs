@@ -12,7 +12,6 @@ use std::{
 };
 
 use arc_swap::ArcSwapOption;
-use xpu_proto::broker::v1 as pb;
 
 use super::{
     PhaseMeter, connections_for, fanout, join_all, open_loop, preload_netdevs, seed, with_broker,
@@ -51,14 +50,7 @@ pub async fn run(env: &Env) -> ScenarioReport {
         let setup = agents::start_fleet(broker.grpc, &env.pki, &fleet, serials, false, env.epoch).await?;
         // Every stream has replayed to the head before the first timed write, as etcd's
         // watchers are connected before its puts: the phases measure the live path.
-        let head = first.fleet_status(pb::FleetStatusRequest {}).await?.into_inner().revision;
-        let t = Instant::now();
-        let current = agents::wait_revision(&setup.agents, head, Duration::from_secs(300)).await;
-        rep.notes.push(format!(
-            "broker: every watcher's stream at revision {head} after {:.1}s{}",
-            t.elapsed().as_secs_f64(),
-            if current { "" } else { " (NOT all: timed out after 300 s)" }
-        ));
+        rep.notes.push(format!("broker watchers: {}", agents::wait_at_head(&mut first, &setup.agents).await?));
         let (w, phase) = write::spec_phase(env, broker).await?;
         rep.phases.push(phase);
         rep.push(w.row("etcd.broker.write", "broker: spec writes (Apply LogicalBridge)"));

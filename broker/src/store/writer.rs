@@ -115,7 +115,6 @@ async fn commit_alone(
     committed: &mpsc::Sender<Committed>,
 ) -> Option<Warm> {
     let requests: Vec<&Request> = batch.iter().map(|p| &p.request).collect();
-    let warm = warm.filter(|_| config.warm_slots > 0);
     // A batch that outlives the limit may or may not have committed: its callers get
     // UNAVAILABLE (retry), and the fan-out finds any commit in the log. Nothing is kept from a
     // batch that failed: its working set may hold what was not written.
@@ -124,7 +123,7 @@ async fn commit_alone(
         Err(e) => (Err(e), None),
     };
     land(backend, config, batch, started, result, committed).await;
-    warm.filter(|w| w.len() <= config.warm_slots)
+    warm.filter(|w| config.warm_slots > 0 && w.len() <= config.warm_slots)
 }
 
 /// Answers a batch that was written, or failed; `true` when it committed.

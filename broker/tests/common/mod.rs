@@ -240,6 +240,14 @@ pub fn mk_lb(name: &str, vlan: u32) -> pb::Resource {
     }
 }
 
+/// The generation of a LogicalBridge resource.
+pub fn lb_generation(res: &pb::Resource) -> i64 {
+    match &res.kind {
+        Some(pb::resource::Kind::LogicalBridge(l)) => l.metadata.as_ref().unwrap().generation,
+        other => panic!("not a logical bridge: {other:?}"),
+    }
+}
+
 pub fn mk_network(name: &str, lb: &str, cidr: &str, gateway: &str) -> pb::Resource {
     pb::Resource {
         kind: Some(pb::resource::Kind::XpuNetwork(pb::XpuNetwork {

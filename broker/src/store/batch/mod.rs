@@ -208,8 +208,9 @@ fn put_back<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, key: K, prev: O
 /// name slots of the working sets it loaded and wrote, as they stood when it committed at `head`.
 /// A batch starts from it only when the store's head is still `head` and its compaction horizon
 /// still `compacted` (nothing else wrote since: every other change to these tables is a log
-/// entry, which moves the head), and so skips the loads of those slots. Leases, allocations and pools are not kept (the lease renewer writes leases
-/// outside the writer; the others are cheap and rare to reload).
+/// entry, which moves the head), and so skips the loads of those slots. Leases, allocations
+/// and pools are not kept (the lease renewer writes leases outside the writer; the others are
+/// cheap and rare to reload).
 #[derive(Default)]
 pub(crate) struct Warm {
     head: i64,
@@ -231,7 +232,6 @@ impl Warm {
 
     /// Takes back what a committed batch wrote: the store now holds exactly this.
     fn landed(mut self, flush: Flush) -> Warm {
-        self.head = flush.head;
         for (row, route) in flush.objects.into_iter().zip(flush.routes) {
             self.routes.insert(row.key.clone(), route);
             self.objects.insert(row.key.clone(), Some(row));
@@ -308,8 +308,7 @@ pub(crate) async fn prepare<T: WriteTx>(
         }
         replies.push(reply);
     }
-    let (flush, mut rest) = ws.into_flush();
-    rest.compacted = compacted;
+    let (flush, rest) = ws.into_flush(compacted);
     Ok(Prepared { tx, flush: Arc::new(flush), replies, rest })
 }
 
@@ -926,8 +925,8 @@ impl Working<'_> {
     // ---- DPUs and leases ----
 
     /// What to write, moved out of the working set (the events become the log entries), and the
-    /// slots it leaves.
-    fn into_flush(mut self) -> (Flush, Warm) {
+    /// slots it leaves (at the compaction horizon the batch locked at).
+    fn into_flush(mut self, compacted: Option<i64>) -> (Flush, Warm) {
         let mut flush = Flush { head: self.head, compact_to: self.compact_to, ..Default::default() };
         let mut seen = HashSet::new();
         for key in self.dirty {
@@ -986,7 +985,7 @@ impl Working<'_> {
         flush.log = self.events.into_iter().map(Arc::new).collect();
         let rest = Warm {
             head: flush.head,
-            compacted: None,
+            compacted,
             objects: self.objects,
             routes: self.routes,
             statuses: self.statuses,
